@@ -1,0 +1,132 @@
+"""
+bench.py -- speed and memory of the quantizers, printed as a markdown table.
+
+    python bench.py                  # CPU, the sizes the targets name (a few minutes)
+    python bench.py --device cuda    # the same on a GPU
+    python bench.py --quick          # small sizes, a few seconds (used by the tests)
+
+Targets (issue 2), medians of >= 5 warm runs, forward + backward of the whole quantizer:
+  - NSVQ <= 1.5x the STE quantizer at N=8192, K=16384, D=16 (both use the same chunked search);
+  - NSVQ >= 20x faster than the dense loss written with a materialised (chunk, K, D) tensor;
+  - NSVQ at N=16384, K=65536, D=64 under 2 GB peak memory (RSS on CPU, measured in a fresh
+    subprocess; max_memory_allocated on CUDA).
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import nsvq
+
+
+def naive_dense_loss(z, codebook, tau, chunk=64):
+    """Reference: L_NS with an explicit (chunk, K, D) difference tensor, as the authors' code
+    builds it. Backward runs per chunk so memory stays bounded; returns the loss value."""
+    N, D = z.shape
+    total = 0.0
+    for start in range(0, N, chunk):
+        zc = z[start:start + chunk]  # (n, D)
+        diff = zc[:, None, :] - codebook[None]  # (n, K, D)
+        d = diff.pow(2).sum(-1)  # (n, K)
+        w = torch.softmax(-d.detach() / tau, 1)
+        w = w.scatter(1, d.detach().argmin(1, keepdim=True), 0.0)
+        loss = (w * d).sum() / (N * D)
+        loss.backward()
+        total += float(loss)
+    return total
+
+
+def time_it(fn, repeats, device):
+    """Median seconds of `repeats` warm runs (one warm-up run first)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def quantizer_step(vq, z_e):
+    def step():
+        vq.zero_grad(set_to_none=True)
+        z_e.grad = None
+        out = vq(z_e)
+        (out.z_q.sum() * 0 + sum(out.losses.values())).backward()
+    return step
+
+
+def peak_memory(N, K, D, device):
+    """Peak memory (bytes) of one NSVQ forward+backward, in a fresh interpreter."""
+    code = (f"import torch, resource, json, nsvq\n"
+            f"vq = nsvq.NSVQ({K}, {D}).to('{device}')\n"
+            f"z = torch.randn({N}, {D}, device='{device}', requires_grad=True)\n"
+            f"base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+            f"out = vq(z); sum(out.losses.values()).backward()\n"
+            f"peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+            f"gpu = torch.cuda.max_memory_allocated() if '{device}' == 'cuda' else 0\n"
+            f"print(json.dumps({{'rss': peak, 'rss_before': base, 'gpu': gpu}}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=5, help="warm runs per timing (median)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args()
+    device = args.device
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # distances at full fp32 precision
+    N, K, D = (512, 1024, 16) if args.quick else (8192, 16384, 16)
+    mem_N, mem_K, mem_D = (1024, 4096, 64) if args.quick else (16384, 65536, 64)
+    rows = []
+
+    torch.manual_seed(0)
+    z_e = torch.randn(N, D, device=device, requires_grad=True)  # (B=N, D): no spatial dims
+    t_ste = time_it(quantizer_step(nsvq.VectorQuantizer(K, D).to(device), z_e), args.repeats, device)
+    rows.append(("STE (VectorQuantizer)", N, K, D, t_ste, 1.0))
+    for name, cls, kw in [("EMA", nsvq.EMAVectorQuantizer, {}), ("SimVQ", nsvq.SimVQ, {}),
+                          ("NSVQ softmax", nsvq.NSVQ, {}),
+                          ("NSVQ clamped", nsvq.NSVQ, {"weighting": "clamped"})]:
+        vq = cls(K, D, **kw).to(device)
+        t = time_it(quantizer_step(vq, z_e), args.repeats, device)
+        rows.append((name, N, K, D, t, t / t_ste))
+    t_nsvq = rows[3][4]
+
+    codebook = torch.randn(K, D, device=device, requires_grad=True)
+    zd = z_e.detach()
+    t_naive = time_it(lambda: naive_dense_loss(zd, codebook, 0.35), args.repeats, device)
+    rows.append(("naive (chunk, K, D) dense loss", N, K, D, t_naive, t_naive / t_ste))
+
+    print(f"\ndevice: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}; "
+          f"forward+backward, median of {args.repeats} warm runs\n")
+    print("| quantizer | N | K | D | ms | x STE |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, n, k, d, t, ratio in rows:
+        print(f"| {name} | {n} | {k} | {d} | {t * 1e3:.1f} | {ratio:.2f} |")
+    mem = peak_memory(mem_N, mem_K, mem_D, device)
+    key = "gpu" if device == "cuda" else "rss"
+    print(f"\nNSVQ / STE: {t_nsvq / t_ste:.2f}x (target <= 1.5); "
+          f"naive / NSVQ: {t_naive / t_nsvq:.1f}x (target >= 20)")
+    print(f"NSVQ peak memory at N={mem_N}, K={mem_K}, D={mem_D}: {mem[key] / 2**30:.2f} GiB "
+          f"({'GPU allocated' if key == 'gpu' else 'process RSS'}; target < 2 GB)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "peak_memory": mem, "device": device}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
