@@ -38,7 +38,7 @@ def naive_dense_loss(z, codebook, tau, chunk=64):
         w = w.scatter(1, d.detach().argmin(1, keepdim=True), 0.0)
         loss = (w * d).sum() / (N * D)
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     return total
 
 

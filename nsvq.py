@@ -246,7 +246,7 @@ class VectorQuantizer(nn.Module):
     codebook_by_gradient = True  # EMAVectorQuantizer moves its codes in update_ instead
 
     def __init__(self, codebook_size, dim, beta=0.25, replace_from="latents", noise=0.01,
-                 usage_decay=0.99, buffer_size=4096, chunk_size=None):
+                 usage_decay=0.9, buffer_size=4096, chunk_size=None):
         super().__init__()
         if codebook_size < 1 or dim < 1:
             raise ValueError(f"codebook_size and dim must be >= 1, got {codebook_size} and {dim}")
@@ -261,6 +261,8 @@ class VectorQuantizer(nn.Module):
         K = codebook_size
         self.embedding = nn.Parameter(torch.empty(K, dim).uniform_(-1.0 / K, 1.0 / K))
         # usage[k]: moving average of code k's share of assignments (sums to 1; uniform = 1/K).
+        # usage_decay 0.9: an unused code falls below 1% of the uniform rate in ~44 calls. With
+        # 0.99 (~460 calls) MNIST kept 13% of its codes dead in a short run (README).
         self.register_buffer("usage", torch.zeros(K))
         self.register_buffer("usage_calls", torch.zeros((), dtype=torch.long))
         # A ring of recent encoder outputs, the source of new codes for replace_from="latents".

@@ -425,3 +425,147 @@ def test_bench_quick_runs_and_prints_the_table():
     out = subprocess.run([sys.executable, "bench.py", "--quick", "--repeats", "1"], cwd=HERE,
                          capture_output=True, text=True, check=True, timeout=300).stdout
     assert "| NSVQ softmax |" in out and "peak memory" in out
+
+
+# --- 6. train_mnist.py ----------------------------------------------------------------------
+
+import gzip  # noqa: E402
+import json  # noqa: E402
+import struct  # noqa: E402
+
+import train_mnist  # noqa: E402
+
+
+def write_idx(path, array, kind):
+    magic = 2051 if kind == "images" else 2049
+    header = struct.pack(">II", magic, len(array)) + (struct.pack(">II", 28, 28) if kind == "images" else b"")
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.numpy().tobytes())
+
+
+def make_fake_mnist(folder, n_train=192, n_test=64, seed=0):
+    """Blurry random strokes in the MNIST IDX layout, so the real loader path runs."""
+    g = torch.Generator().manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        canvas = torch.zeros(n, 1, 28, 28)
+        for _ in range(3):
+            r, c = torch.randint(4, 24, (2, n), generator=g)
+            canvas[torch.arange(n), 0, r, c] = 1.0
+        images = torch.nn.functional.avg_pool2d(canvas, 5, 1, 2).clamp(max=1 / 25) * 25 * 255
+        prefix = "train" if split == "train" else "t10k"
+        write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), images.to(torch.uint8)[:, 0], "images")
+        write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"),
+                  torch.randint(10, (n,), generator=g).to(torch.uint8), "labels")
+    return folder
+
+
+def tiny_config(tmp_path, **overrides):
+    data = make_fake_mnist(str(tmp_path / "data"))
+    base = dict(data_dir=data, no_download=True, out=str(tmp_path / "run"), codebook_size=64, dim=4,
+                width=16, batch_size=32, epochs=3, freeze_epoch=1, warmup_epochs=1, probe_every=3,
+                quiet=True, device="cpu")
+    base.update(overrides)
+    return train_mnist.Config(**base)
+
+
+def test_mnist_main_runs_every_stage_and_writes_results_figures_and_a_usable_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path)
+    results = train_mnist.main(cfg)
+    assert results["stage_start"] == {"stage1": 0, "warmup": 1, "stage2": 2}
+    saved = json.load(open(tmp_path / "run" / "results.json"))
+    for key in ("quantizer", "codebook_size", "test_mse", "test_psnr", "utilization", "perplexity",
+                "dead_codes", "train_seconds", "epochs", "stage_start"):
+        assert key in saved
+    assert 0 < saved["utilization"] <= 1 and saved["test_mse"] > 0
+    for name in ("reconstructions.png", "usage.png", "curves.png", "ckpt.pt"):
+        assert (tmp_path / "run" / name).stat().st_size > 0
+    assert {h["stage"] for h in saved["history"]} == {"stage1", "warmup", "stage2"}
+    model = train_mnist.load_autoencoder(str(tmp_path / "run" / "ckpt.pt"))
+    images = train_mnist.load_split(cfg, "test")[:5]
+    indices = model.encode(images)
+    assert indices.shape == (5, 7, 7) and indices.dtype == torch.int64
+    assert model.decode(indices).shape == (5, 1, 28, 28)
+
+
+def test_mnist_encoder_is_frozen_after_stage_one(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=2)
+    train_mnist.main(cfg)
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    train_mnist.main(tiny_config(tmp_path, epochs=3, resume=True))  # epoch 2 is stage 2
+    after = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    for key, value in ckpt["model"].items():
+        if key.startswith("encoder."):
+            assert torch.equal(after["model"][key], value), key
+    assert not torch.equal(after["model"]["decoder.0.weight"], ckpt["model"]["decoder.0.weight"])
+
+
+def test_mnist_resume_matches_the_uninterrupted_run(tmp_path):
+    train_mnist.main(tiny_config(tmp_path / "a", epochs=3))
+    train_mnist.main(tiny_config(tmp_path / "b", epochs=2))
+    train_mnist.main(tiny_config(tmp_path / "b", epochs=3, resume=True))
+    a = torch.load(tmp_path / "a" / "run" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "run" / "ckpt.pt", weights_only=False)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["schedule"] == b["schedule"]
+
+
+def test_mnist_resume_without_a_checkpoint_or_with_another_model_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ckpt.pt"):
+        train_mnist.main(tiny_config(tmp_path, resume=True))
+    train_mnist.main(tiny_config(tmp_path, epochs=1))
+    with pytest.raises(ValueError, match="codebook_size"):
+        train_mnist.main(tiny_config(tmp_path, epochs=2, codebook_size=32, resume=True))
+
+
+def test_mnist_loader_rejects_corrupt_truncated_wrong_magic_and_missing_files(tmp_path):
+    cfg = tiny_config(tmp_path)
+    path = os.path.join(cfg.data_dir, "t10k-images-idx3-ubyte.gz")
+    good = open(path, "rb").read()
+    open(path, "wb").write(good[: len(good) // 2])  # truncated gzip stream
+    with pytest.raises(train_mnist.DataError, match="t10k-images"):
+        train_mnist.load_split(cfg, "test")
+    open(path, "wb").write(b"not a gzip file at all")
+    with pytest.raises(train_mnist.DataError, match="gzip"):
+        train_mnist.load_split(cfg, "test")
+    write_idx(path, torch.zeros(3, 28, 28, dtype=torch.uint8), "labels")  # labels magic on images
+    with pytest.raises(train_mnist.DataError, match="magic"):
+        train_mnist.load_split(cfg, "test")
+    with gzip.open(path, "wb") as f:  # header promises 10 images, body holds 2
+        f.write(struct.pack(">IIII", 2051, 10, 28, 28) + bytes(2 * 784))
+    with pytest.raises(train_mnist.DataError, match="truncated"):
+        train_mnist.load_split(cfg, "test")
+    os.remove(path)
+    with pytest.raises(train_mnist.DataError, match="ossci-datasets"):
+        train_mnist.load_split(cfg, "test")
+
+
+def test_mnist_download_checks_md5_and_never_leaves_a_partial_file(tmp_path):
+    src = tmp_path / "mirror"
+    src.mkdir()
+    (src / "file.gz").write_bytes(b"payload")
+    target = tmp_path / "file.gz"
+    md5 = __import__("hashlib").md5(b"payload").hexdigest()
+    with pytest.raises(train_mnist.DataError, match="md5"):
+        train_mnist.download([f"file://{src}/file.gz"], str(target), "0" * 32)
+    assert list(tmp_path.iterdir()) == [src]  # nothing written beside the mirror
+    train_mnist.download([f"file://{tmp_path}/missing.gz", f"file://{src}/file.gz"], str(target), md5)
+    assert target.read_bytes() == b"payload"
+
+
+def test_mnist_compare_variants_are_the_eight_named_methods():
+    assert list(train_mnist.VARIANTS) == ["ste", "ste+replace", "ema", "ema+replace", "simvq",
+                                          "nsvq-loss-only", "nsvq-no-stages", "nsvq"]
+
+
+def test_mnist_command_line_lists_every_config_field_and_rejects_bad_options(tmp_path):
+    out = subprocess.run([sys.executable, "train_mnist.py", "--help"], cwd=HERE, capture_output=True,
+                         text=True, check=True).stdout
+    for f in train_mnist.Config.__dataclass_fields__:
+        assert "--" + f.replace("_", "-") in out
+    assert "--no-gan" in out
+    bad = subprocess.run([sys.executable, "train_mnist.py", "--quantizer", "vqgan", "--data-dir",
+                          make_fake_mnist(str(tmp_path / "d")), "--no-download", "--out", str(tmp_path / "o")],
+                         cwd=HERE, capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown quantizer 'vqgan'" in bad.stderr
