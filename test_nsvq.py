@@ -569,3 +569,12 @@ def test_mnist_command_line_lists_every_config_field_and_rejects_bad_options(tmp
                           make_fake_mnist(str(tmp_path / "d")), "--no-download", "--out", str(tmp_path / "o")],
                          cwd=HERE, capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown quantizer 'vqgan'" in bad.stderr
+
+
+def test_readme_python_blocks_run():
+    import re
+    readme = open(os.path.join(HERE, "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert blocks, "the README has no python example"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})

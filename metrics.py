@@ -1,0 +1,296 @@
+"""
+metrics.py -- the evaluation networks and metrics of train_imagenet.py, in plain torch.
+
+  - LPIPS-VGG (Zhang et al., 2018, v0.1): VGG16 features at relu1_2 .. relu5_3, unit-normalised per
+    channel, squared differences weighted by learned 1x1 "lin" layers, averaged over space.
+  - InceptionV3 with the TF-FID weights (Heusel et al., 2017; the graph pytorch-fid ports): pool3
+    features (2048) for the Frechet distance.
+  - Frechet distance with the matrix square root from eigendecompositions in float64 (no scipy).
+  - PSNR (mean over images) and SSIM (11x11 Gaussian window, sigma 1.5), images in [0, 1].
+
+Weights: "auto" downloads the public files once with torch.hub (cached under ~/.cache/torch/hub);
+a path loads them offline; "none" skips the metric; "random" keeps random weights (tests, timing).
+The architectures are written from the papers' descriptions; only the parameter names follow the
+public weight files so those load directly.
+"""
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
+INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                 "pt_inception-2015-12-05-6726825d.pth")
+
+
+def load_weights(spec, url, what):
+    """State dict from 'auto' (torch.hub download, cached) or a path; a clear error otherwise."""
+    if spec != "auto":
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"{what} weights: no file at {spec!r} (download {url} "
+                                    f"and pass its path, or pass 'none' to skip the metric)")
+        return torch.load(spec, map_location="cpu", weights_only=True)
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False)
+    except Exception as e:
+        raise RuntimeError(f"{what} weights: download of {url} failed ({e}); on an offline machine "
+                           f"download it elsewhere and pass its path, or pass 'none'") from None
+
+
+# -----------------------------------------------------------------------------
+# LPIPS-VGG
+# -----------------------------------------------------------------------------
+
+VGG16_CONFIG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+LPIPS_TAPS = (3, 8, 15, 22, 29)  # indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+
+
+class LPIPS(nn.Module):
+    """Perceptual distance between images in [-1, 1]: (B, 3, H, W) x 2 -> (B,)."""
+
+    def __init__(self, weights="auto", lin_weights="auto"):
+        super().__init__()
+        layers, c = [], 3
+        for v in VGG16_CONFIG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=False)]
+                c = v
+        self.features = nn.Sequential(*layers)
+        self.lins = nn.ModuleList(nn.Conv2d(ch, 1, 1, bias=False) for ch in (64, 128, 256, 512, 512))
+        # Input scaling of LPIPS v0.1 (maps ImageNet-normalised statistics onto [-1, 1] inputs).
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+        if weights != "random":
+            vgg = load_weights(weights, VGG16_URL, "VGG16")
+            self.features.load_state_dict({k[len("features."):]: v for k, v in vgg.items()
+                                           if k.startswith("features.")})
+            lin = load_weights(lin_weights, LPIPS_URL, "LPIPS lin")
+            for i, layer in enumerate(self.lins):
+                layer.weight.data.copy_(lin[f"lin{i}.model.1.weight"])
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x, y):
+        h = torch.cat([x, y]).float()
+        h = (h - self.shift) / self.scale
+        total, lin = 0.0, iter(self.lins)
+        for i, layer in enumerate(self.features[:LPIPS_TAPS[-1] + 1]):
+            h = layer(h)
+            if i in LPIPS_TAPS:
+                f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit norm per position
+                fx, fy = f.chunk(2)
+                total = total + next(lin)((fx - fy).pow(2)).mean((1, 2, 3))
+        return total
+
+
+# -----------------------------------------------------------------------------
+# InceptionV3 (TF-FID graph)
+# -----------------------------------------------------------------------------
+
+class BasicConv2d(nn.Module):
+    def __init__(self, c_in, c_out, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg_pool(x):  # the TF graph's average pools ignore the zero padding
+    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+
+class InceptionA(nn.Module):
+    def __init__(self, c_in, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(c_in, 64, 1)
+        self.branch5x5_1 = BasicConv2d(c_in, 48, 1)
+        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(c_in, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(_avg_pool(x))], 1)
+
+
+class InceptionB(nn.Module):
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(c_in, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, 2)], 1)
+
+
+class InceptionC(nn.Module):
+    def __init__(self, c_in, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(c_in, 192, 1)
+        self.branch7x7_1 = BasicConv2d(c_in, c7, 1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(c_in, c7, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(c_in, 192, 1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d = x
+        for i in range(1, 6):
+            d = getattr(self, f"branch7x7dbl_{i}")(d)
+        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(_avg_pool(x))], 1)
+
+
+class InceptionD(nn.Module):
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(c_in, 192, 1)
+        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(c_in, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = x
+        for i in range(1, 5):
+            b7 = getattr(self, f"branch7x7x3_{i}")(b7)
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, 2)], 1)
+
+
+class InceptionE(nn.Module):
+    def __init__(self, c_in, max_pool):
+        super().__init__()
+        self.max_pool = max_pool  # the TF graph's last block max-pools where torchvision averages
+        self.branch1x1 = BasicConv2d(c_in, 320, 1)
+        self.branch3x3_1 = BasicConv2d(c_in, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(c_in, 192, 1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pool = F.max_pool2d(x, 3, 1, 1) if self.max_pool else _avg_pool(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d), self.branch_pool(pool)], 1)
+
+
+class InceptionFID(nn.Module):
+    """InceptionV3 pool3 features (B, 2048) of images in [0, 1], resized to 299 bilinearly."""
+
+    def __init__(self, weights="auto"):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
+        self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, max_pool=False), InceptionE(2048, max_pool=True)
+        if weights != "random":
+            state = load_weights(weights, INCEPTION_URL, "Inception (TF-FID)")
+            self.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x):
+        x = F.interpolate(x.float(), size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, 3, 2)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, 2)
+        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+            x = getattr(self, f"Mixed_{name}")(x)
+        return x.mean((2, 3))  # (B, 2048)
+
+
+# -----------------------------------------------------------------------------
+# Frechet distance, PSNR, SSIM
+# -----------------------------------------------------------------------------
+
+class FeatureStats:
+    """Running sums for a Gaussian fit of features: n, sum f, sum f f^T (float64)."""
+
+    def __init__(self, dim, device="cpu"):
+        self.n = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def add(self, f):
+        f = f.double()
+        self.n += len(f)
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+
+    def tensors(self):
+        return [self.n, self.sum, self.outer]  # all_reduce these to combine ranks
+
+    def mean_cov(self):
+        mu = self.sum / self.n
+        cov = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        return mu, cov
+
+
+def _sqrt_psd(m):
+    vals, vecs = torch.linalg.eigh((m + m.T) / 2)
+    return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+
+
+def frechet_distance(mu1, cov1, mu2, cov2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), float64.
+
+    tr (S1 S2)^(1/2) = tr (S1^(1/2) S2 S1^(1/2))^(1/2): the inner matrix is symmetric PSD, so
+    both square roots come from eigh, with tiny negative eigenvalues (round-off) clamped to 0.
+    """
+    mu1, cov1, mu2, cov2 = (t.double() for t in (mu1, cov1, mu2, cov2))
+    s1 = _sqrt_psd(cov1)
+    inner = torch.linalg.eigvalsh(s1 @ cov2 @ s1).clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * inner)
+
+
+def psnr(x, y):
+    """Per-image PSNR (B,) for images in [0, 1]."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
+
+
+def ssim(x, y, window=11, sigma=1.5):
+    """Per-image SSIM (B,) for images in [0, 1] (Wang et al., 2004), valid-region average."""
+    x, y = x.float(), y.float()
+    C = x.shape[1]
+    g = torch.exp(-(torch.arange(window, device=x.device) - window // 2).float() ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(C, 1, window, window)
+    blur = lambda t: F.conv2d(t, kernel, groups=C)  # noqa: E731
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1)
