@@ -578,3 +578,175 @@ def test_readme_python_blocks_run():
     assert blocks, "the README has no python example"
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+# --- 7. train_imagenet.py and metrics.py ----------------------------------------------------
+
+import signal  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import metrics  # noqa: E402
+import train_imagenet  # noqa: E402
+
+
+def make_image_folder(root, n_train=24, n_val=8, seed=0, broken=True):
+    """A tiny ImageNet-layout folder of smooth random JPEGs of varied sizes (plus one broken file)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in ("n01", "n02"):
+            os.makedirs(os.path.join(root, split, c), exist_ok=True)
+            for i in range(n // 2):
+                h, w = rng.integers(36, 60, 2)
+                img = (rng.integers(0, 255, (1, 1, 3)) + rng.normal(0, 40, (h, w, 3)).cumsum(1) / 5)
+                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(
+                    os.path.join(root, split, c, f"img{i}.JPEG"), quality=90)
+    if broken:
+        with open(os.path.join(root, "train", "n01", "broken.JPEG"), "wb") as f:
+            f.write(b"not a jpeg")
+    return root
+
+
+def tiny_imagenet(tmp_path, **overrides):
+    data = str(tmp_path / "data")
+    if not os.path.isdir(data):
+        make_image_folder(data)
+    base = dict(train_imagenet.PRESETS["tiny"], preset="tiny", data=data, out=str(tmp_path / "run"),
+                device="cpu", amp="none", quiet=True)
+    base.update(overrides)
+    return train_imagenet.Config(**base)
+
+
+def test_imagenet_tiny_runs_all_stages_counts_a_corrupt_jpeg_and_gives_a_tokenizer(tmp_path):
+    result = train_imagenet.main(tiny_imagenet(tmp_path))
+    assert result["stage_start"] == {"stage1": 0, "warmup": 1, "stage2": 2}
+    assert result["skipped_images"] >= 1 and result["images"] == 8
+    saved = json.load(open(tmp_path / "run" / "results.json"))
+    assert saved["steps"] == 9 and 0 < saved["utilization"] <= 1
+    assert (tmp_path / "run" / "recon-final.png").stat().st_size > 0
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert {line["stage"] for line in lines if "stage" in line} == {"stage1", "warmup", "stage2"}
+    ckpts = train_imagenet.checkpoints(str(tmp_path / "run"))
+    assert len(ckpts) == 2  # keep_ckpts
+    model = train_imagenet.load_autoencoder(ckpts[-1])
+    indices = model.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert indices.shape == (2, 16, 16) and model.decode(indices).shape == (2, 3, 32, 32)
+
+
+def test_imagenet_resume_after_a_stop_matches_the_uninterrupted_run_bitwise(tmp_path):
+    train_imagenet.main(tiny_imagenet(tmp_path / "a"))
+    train_imagenet.main(tiny_imagenet(tmp_path / "b", max_steps=4))  # stops mid-epoch, in warm-up
+    train_imagenet.main(tiny_imagenet(tmp_path / "b", resume="auto"))
+    a = torch.load(train_imagenet.checkpoints(str(tmp_path / "a" / "run"))[-1], weights_only=False)
+    b = torch.load(train_imagenet.checkpoints(str(tmp_path / "b" / "run"))[-1], weights_only=False)
+    for part in ("model", "ema", "disc"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    assert a["schedule"] == b["schedule"] and a["state"]["step"] == b["state"]["step"] == 9
+
+
+def test_imagenet_eval_only_reports_rfid_and_lpips_with_random_networks(tmp_path):
+    train_imagenet.main(tiny_imagenet(tmp_path, epochs=1))
+    result = train_imagenet.main(tiny_imagenet(tmp_path, eval_only=True, resume="auto",
+                                               lpips_weights="random", inception="random",
+                                               max_eval_images=4))
+    assert result["images"] == 4
+    for key in ("rfid", "lpips", "psnr", "ssim", "utilization", "perplexity"):
+        assert math.isfinite(result[key]), key
+    assert json.load(open(tmp_path / "run" / "eval.json"))["rfid"] == result["rfid"]
+
+
+def test_imagenet_torchrun_two_ranks_end_with_identical_weights_and_codebooks(tmp_path):
+    data = make_image_folder(str(tmp_path / "data"))
+    cmd = ["torchrun", "--standalone", "--nproc_per_node=2", "train_imagenet.py", "--preset", "tiny",
+           "--data", data, "--device", "cpu", "--amp", "none", "--out", str(tmp_path / "run"),
+           "--quiet", "--check-codebook"]
+    run = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "ranks disagree" not in run.stderr
+    saved = json.load(open(tmp_path / "run" / "results.json"))
+    assert saved["steps"] == 9  # global batch 8 split 4 + 4: same number of steps as one process
+
+
+def test_imagenet_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    data = make_image_folder(str(tmp_path / "data"))
+    cmd = [sys.executable, "train_imagenet.py", "--preset", "tiny", "--data", data, "--device", "cpu",
+           "--amp", "none", "--out", str(tmp_path / "run"), "--quiet", "--epochs", "1000",
+           "--log-every", "1"]
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, rest
+    assert "(SIGTERM)" in rest
+    assert train_imagenet.checkpoints(str(tmp_path / "run"))
+
+
+def test_imagenet_non_finite_losses_stop_the_run_and_leave_the_last_checkpoint(tmp_path):
+    train_imagenet.main(tiny_imagenet(tmp_path, epochs=1))
+    before = train_imagenet.checkpoints(str(tmp_path / "run"))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        train_imagenet.main(tiny_imagenet(tmp_path, epochs=3, resume="auto", l1_weight=float("nan"),
+                                          max_bad_steps=2))
+    assert train_imagenet.checkpoints(str(tmp_path / "run")) == before
+    torch.load(before[-1], weights_only=False)  # still a complete checkpoint
+
+
+def test_imagenet_packed_data_trains_and_rejects_a_wrong_size(tmp_path):
+    cfg = tiny_imagenet(tmp_path, packed=str(tmp_path / "packed"), prepare=True)
+    train_imagenet.main(cfg)
+    meta = json.load(open(tmp_path / "packed" / "train.json"))
+    assert meta["n"] == 25 and meta["skipped"] == 1
+    result = train_imagenet.main(tiny_imagenet(tmp_path, packed=str(tmp_path / "packed"), data="", epochs=1))
+    assert result["images"] == 8
+    with pytest.raises(train_imagenet.DataError, match="packed at 32px"):
+        train_imagenet.main(tiny_imagenet(tmp_path, packed=str(tmp_path / "packed"), data="",
+                                          image_size=64, epochs=1))
+
+
+def test_imagenet_bad_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(train_imagenet.DataError, match="no folder"):
+        train_imagenet.main(tiny_imagenet(tmp_path, data=str(tmp_path / "nowhere")))
+    os.makedirs(tmp_path / "empty" / "train" / "n01")
+    os.makedirs(tmp_path / "empty" / "val" / "n01")
+    with pytest.raises(train_imagenet.DataError, match="holds no images"):
+        train_imagenet.main(tiny_imagenet(tmp_path, data=str(tmp_path / "empty")))
+    with pytest.raises(ValueError, match="amp"):
+        train_imagenet.main(tiny_imagenet(tmp_path, amp="fp8"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train_imagenet.main(tiny_imagenet(tmp_path, resume="auto"))
+    with pytest.raises(ValueError, match="eval-only"):
+        train_imagenet.main(tiny_imagenet(tmp_path, eval_only=True))
+    with pytest.raises(FileNotFoundError, match="Inception"):
+        metrics.InceptionFID(str(tmp_path / "missing.pth"))
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_covariances():
+    torch.manual_seed(13)
+    mu1, mu2 = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    a, b = torch.rand(5, dtype=torch.float64) + 0.1, torch.rand(5, dtype=torch.float64) + 0.1
+    expected = float((mu1 - mu2).pow(2).sum() + (a.sqrt() - b.sqrt()).pow(2).sum())
+    q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))  # the same rotation of both
+    got = metrics.frechet_distance(q @ mu1, q @ torch.diag(a) @ q.T, q @ mu2, q @ torch.diag(b) @ q.T)
+    assert got == pytest.approx(expected, rel=1e-9)
+    stats = metrics.FeatureStats(3)
+    f = torch.randn(50, 3, dtype=torch.float64)
+    stats.add(f)
+    mu, cov = stats.mean_cov()
+    torch.testing.assert_close(cov, torch.cov(f.T))
+    torch.testing.assert_close(mu, f.mean(0))
+
+
+def test_image_metrics_psnr_ssim_lpips_and_inception_shapes():
+    torch.manual_seed(14)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(metrics.ssim(x, x), torch.ones(2))
+    assert metrics.ssim(x, torch.rand(2, 3, 32, 32)).max() < 0.5
+    assert metrics.psnr(x, x * 0 + x + 0.1).sub(20).abs().max() < 1e-3  # mse 0.01 -> 20 dB
+    lpips = metrics.LPIPS("random", "random")
+    assert lpips(x * 2 - 1, x * 2 - 1).abs().max() == 0
+    assert (lpips(x * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1) > 0).all()
+    assert metrics.InceptionFID("random")(x).shape == (2, 2048)
