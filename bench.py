@@ -4,6 +4,7 @@ bench.py -- speed and memory of the quantizers, printed as a markdown table.
     python bench.py                  # CPU, the sizes the targets name (a few minutes)
     python bench.py --device cuda    # the same on a GPU
     python bench.py --quick          # small sizes, a few seconds (used by the tests)
+    python bench.py --imagenet --device cuda   # the GPU check of train_imagenet.py (~5 min)
 
 Targets (issue 2), medians of >= 5 warm runs, forward + backward of the whole quantizer:
   - NSVQ <= 1.5x the STE quantizer at N=8192, K=16384, D=16 (both use the same chunked search);
@@ -21,6 +22,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 import nsvq
 
@@ -80,14 +82,78 @@ def peak_memory(N, K, D, device):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def imagenet_steps(device, steps, batch, quick):
+    """Training-step time and peak memory of train_imagenet.py's paper preset on synthetic data.
+
+    Rows: NSVQ in fp32 eager, bf16 eager, bf16 + compile; SimVQ in bf16 + compile. Randomly
+    initialised LPIPS (the weights do not change the cost). Targets (issue 4): NSVQ <= 1.10x
+    SimVQ's step time and <= 1.05x its memory.
+    """
+    import train_imagenet as ti
+    import metrics
+    preset = ti.PRESETS["tiny"] if quick else {}
+    rows = []
+    for quantizer, amp, compile_ in [("nsvq", "none", False), ("nsvq", "bf16", False),
+                                     ("nsvq", "bf16", True), ("simvq", "bf16", True)]:
+        cfg = ti.Config(**{**preset, "quantizer": quantizer, "amp": amp, "compile": compile_})
+        torch.manual_seed(0)
+        model = ti.Autoencoder(cfg).to(device)
+        disc = ti.make_discriminator().to(device)
+        lpips = metrics.LPIPS("random", "random").to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.5, 0.9))
+        opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.5, 0.9))
+        run_model = torch.compile(model) if compile_ else model
+        run_disc = torch.compile(disc) if compile_ else disc
+        x = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+
+        def step():
+            with ti.autocast(cfg, torch.device(device)):
+                x_hat, z_e, out = run_model(x)
+                loss = ((x_hat.float() - x).abs().mean() + lpips(x_hat, x).mean()
+                        + sum(out.losses.values()) + 0.1 * F.softplus(-run_disc(x_hat).float()).mean())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with ti.autocast(cfg, torch.device(device)):
+                d_loss = (F.relu(1 - run_disc(x).float()).mean()
+                          + F.relu(1 + run_disc(x_hat.detach()).float()).mean())
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            model.vq.update_(z_e.detach().float(), out.indices)
+            if quantizer == "nsvq":
+                model.vq.replace_dead_codes_()
+
+        for _ in range(3):  # warm-up (and compilation)
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t = time_it(step, steps, device)
+        mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
+        name = f"{quantizer} {amp}{' + compile' if compile_ else ''}"
+        rows.append((name, t, batch / t, mem))
+    print(f"\ntrain_imagenet.py step, batch {batch} per device, {device}"
+          + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "") + "\n")
+    print("| run | ms/step | img/s | peak GiB |\n|---|---:|---:|---:|")
+    for name, t, ips, mem in rows:
+        print(f"| {name} | {t * 1e3:.0f} | {ips:.0f} | {mem:.1f} |")
+    print(f"\nNSVQ / SimVQ (bf16 + compile): time {rows[2][1] / rows[3][1]:.2f}x (target <= 1.10), "
+          f"memory {rows[2][3] / rows[3][3]:.2f}x (target <= 1.05)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=5, help="warm runs per timing (median)")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--imagenet", action="store_true", help="time train_imagenet.py steps instead")
+    parser.add_argument("--batch", type=int, default=32, help="--imagenet: images per step")
     args = parser.parse_args()
     device = args.device
+    if args.imagenet:
+        return imagenet_steps(device, args.repeats, args.batch, args.quick)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # distances at full fp32 precision
     N, K, D = (512, 1024, 16) if args.quick else (8192, 16384, 16)

@@ -597,19 +597,23 @@ def main(cfg):
     if cfg.bench_loader:
         return bench_loader(cfg, train_loader, log)
 
-    def wrap(module, trainable=True):
-        """Compile first, then DDP (the quantizer synchronises its own buffers)."""
-        m = torch.compile(module) if cfg.compile else module
-        if world > 1 and trainable:
-            m = DDP(m, device_ids=[device.index] if device.type == "cuda" else None,
-                    broadcast_buffers=False)
-        return m
+    def ddp(module):
+        """DDP after compiling; the quantizer synchronises its own buffers."""
+        if world == 1:
+            return module
+        return DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
+                   broadcast_buffers=False)
 
     def apply_stage():
-        """Freeze the encoder and switch the quantizer's terms; rebuild the DDP wrapper."""
+        """Freeze the encoder and switch the quantizer's terms; rebuild the DDP wrappers.
+
+        Returns the autoencoder and critic to train, and the critic for the generator's term
+        (not DDP-wrapped: its gradients are discarded, so they need no all-reduce).
+        """
         model.encoder.requires_grad_(schedule.encoder_trainable)
         model.vq.dense = schedule.dense_loss
-        return wrap(model), wrap(disc), (torch.compile(disc) if cfg.compile else disc)
+        critic = torch.compile(disc) if cfg.compile else disc
+        return ddp(torch.compile(model) if cfg.compile else model), ddp(critic), critic
 
     def save(tag=""):
         rng = {"cpu": torch.get_rng_state(),
