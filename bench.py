@@ -15,7 +15,6 @@ Targets (issue 2), medians of >= 5 warm runs, forward + backward of the whole qu
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys

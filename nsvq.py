@@ -44,7 +44,7 @@ Only torch is imported at module level; the demo imports matplotlib when it runs
 
 import math
 import warnings
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -470,8 +470,11 @@ class NSVQ(VectorQuantizer):
 
     The dense term is on while self.dense and self.training (the loop sets vq.dense from the
     schedule); otherwise "ns" is a zero tensor. Its weights are computed in the same chunked
-    pass that finds the winners, so it costs about one more GEMM and one exp pass.
+    pass that finds the winners, so it costs one softmax pass and one more GEMM per chunk.
     Which defaults are the paper's and which we measured: see the README.
+    Warning (measured, README "Encoder drift"): under Adam a code moves by about its learning
+    rate per step whatever its gradient, so the dense loss cannot make a slow codebook keep up
+    with a fast encoder; give the codebook a higher learning rate than the encoder then.
     Shapes: as VectorQuantizer.
     """
 
