@@ -750,3 +750,11 @@ def test_image_metrics_psnr_ssim_lpips_and_inception_shapes():
     assert lpips(x * 2 - 1, x * 2 - 1).abs().max() == 0
     assert (lpips(x * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1) > 0).all()
     assert metrics.InceptionFID("random")(x).shape == (2, 2048)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_scripts_refuse_a_device_that_is_not_there(tmp_path):
+    with pytest.raises(ValueError, match="not available"):
+        train_mnist.main(tiny_config(tmp_path, device="cuda"))
+    with pytest.raises(ValueError, match="not available"):
+        train_imagenet.main(tiny_imagenet(tmp_path, device="cuda"))

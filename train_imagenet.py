@@ -385,6 +385,8 @@ def setup_distributed(cfg):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python runs one process, no group."""
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device not in ("cpu", "cuda") or (cfg.device == "cuda" and not torch.cuda.is_available()):
+        raise ValueError(f"--device {cfg.device} is not available here; use auto, cpu or cuda")
     if "RANK" not in os.environ:
         return 0, 1, torch.device(cfg.device)
     local_rank = int(os.environ["LOCAL_RANK"])

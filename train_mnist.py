@@ -262,6 +262,13 @@ def write_json_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def savefig_atomic(fig, path, **kwargs):
+    """Save a matplotlib figure through a temporary file, as save_atomic does for checkpoints."""
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, **kwargs)
+    os.replace(tmp, path)
+
+
 def load_autoencoder(path, device="cpu"):
     """A trained tokenizer from a checkpoint: model.encode(images), model.decode(indices)."""
     ckpt = torch.load(path, map_location=device, weights_only=False)
@@ -314,13 +321,13 @@ def make_figures(model, test_images, counts, history, stage_start, epochs, out):
             axes[row, i].axis("off")
     axes[0, 0].set_title("original", loc="left", fontsize=9)
     axes[1, 0].set_title("reconstruction", loc="left", fontsize=9)
-    fig.savefig(os.path.join(out, "reconstructions.png"), dpi=60, bbox_inches="tight")
+    savefig_atomic(fig, os.path.join(out, "reconstructions.png"), dpi=60, bbox_inches="tight")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.bar(range(len(counts)), counts.sort(descending=True).values.numpy(), width=1.0)
     ax.set(yscale="log", xlabel="code (sorted by use)", ylabel="test tokens", title="code usage")
-    fig.savefig(os.path.join(out, "usage.png"), dpi=70, bbox_inches="tight")
+    savefig_atomic(fig, os.path.join(out, "usage.png"), dpi=70, bbox_inches="tight")
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
@@ -335,7 +342,7 @@ def make_figures(model, test_images, counts, history, stage_start, epochs, out):
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "curves.png"), dpi=60)
+    savefig_atomic(fig, os.path.join(out, "curves.png"), dpi=60)
     plt.close(fig)
 
 
@@ -365,6 +372,9 @@ def resolve(cfg):
     if cfg.device == "auto":
         cfg.device = ("cuda" if torch.cuda.is_available() else
                       "mps" if torch.backends.mps.is_available() else "cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(cfg.device, False):
+        raise ValueError(f"--device {cfg.device} is not available here; use auto, cpu, cuda or mps")
     return cfg
 
 
@@ -560,7 +570,7 @@ def compare(cfg):
         ax.plot([h["epoch"] for h in r["history"]], [h["utilization"] for h in r["history"]], label=r["name"])
     ax.set(xlabel="epoch", ylabel="probe utilization", ylim=(0, 1.02), title="codebook utilization")
     ax.legend(fontsize=8)
-    fig.savefig(os.path.join(out, "compare.png"), dpi=70, bbox_inches="tight")
+    savefig_atomic(fig, os.path.join(out, "compare.png"), dpi=70, bbox_inches="tight")
     return results
 
 
@@ -592,7 +602,7 @@ def stress(cfg):
     axes[1].set(xscale="log", yscale="log", xlabel="encoder lr multiplier", ylabel="test MSE")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "stress.png"), dpi=70)
+    savefig_atomic(fig, os.path.join(out, "stress.png"), dpi=70)
     return results
 
 
