@@ -706,8 +706,8 @@ def main(cfg):
                 for b_ema, b in zip(ema.buffers(), model.buffers()):
                     b_ema.copy_(b)
             counts += torch.bincount(out.indices.flatten(), minlength=cfg.codebook_size).float()
-            for k, v in losses.items():
-                window[k] = window.get(k, 0.0) + float(v.detach())
+            for k, v in losses.items():  # kept on the device: no sync per step
+                window[k] = window.get(k, 0.0) + v.detach().float()
             if "commit" in out.losses:
                 state["commit_sum"] += float(out.losses["commit"].detach())
                 state["commit_n"] += 1
@@ -769,7 +769,7 @@ def check_identical(tensors, device):
 def log_line(cfg, state, schedule, window, counts, vq, t_log, world, device, log):
     """One line per interval: losses by name, codebook health, stage, throughput, memory."""
     keys = sorted(window)
-    vals = all_reduce(torch.tensor([window[k] for k in keys], device=device)) / world
+    vals = all_reduce(torch.stack([torch.as_tensor(window[k], device=device) for k in keys])) / world
     all_reduce(counts)
     health = nsvq.codebook_stats(counts.cpu())
     dead = int((vq.usage < cfg.threshold / cfg.codebook_size).sum())
