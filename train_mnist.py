@@ -163,6 +163,8 @@ def read_idx(path, kind):
 def load_split(cfg, split):
     """Images (n, 1, 28, 28) float in [0, 1] for split 'train' or 'test'; downloads if needed."""
     spec = DATASETS[cfg.dataset]
+    if os.path.exists(cfg.data_dir) and not os.path.isdir(cfg.data_dir):
+        raise DataError(f"--data-dir {cfg.data_dir} is a file, not a folder")
     os.makedirs(cfg.data_dir, exist_ok=True)
     tensors = {}
     for kind in ("images", "labels"):
