@@ -45,17 +45,26 @@ def naive_dense_loss(z, codebook, tau, chunk=64):
 
 def time_it(fn, repeats, device):
     """Median seconds of `repeats` warm runs (one warm-up run first)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    return time_round_robin({"fn": fn}, repeats, device)["fn"]
+
+
+def time_round_robin(fns, repeats, device):
+    """Median seconds of `repeats` warm runs of each function, taken in turns (one warm-up run
+    each first). Why in turns: on a shared VM the speed drifts by +-20% over a minute, and
+    timing one function after the other would put that drift into their ratio."""
+    for fn in fns.values():
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def quantizer_step(vq, z_e):
@@ -145,7 +154,7 @@ def imagenet_steps(device, steps, batch, quick):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--repeats", type=int, default=5, help="warm runs per timing (median)")
+    parser.add_argument("--repeats", type=int, default=9, help="warm runs per timing (median)")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--imagenet", action="store_true", help="time train_imagenet.py steps instead")
@@ -162,15 +171,13 @@ def main():
 
     torch.manual_seed(0)
     z_e = torch.randn(N, D, device=device, requires_grad=True)  # (B=N, D): no spatial dims
-    t_ste = time_it(quantizer_step(nsvq.VectorQuantizer(K, D).to(device), z_e), args.repeats, device)
-    rows.append(("STE (VectorQuantizer)", N, K, D, t_ste, 1.0))
-    for name, cls, kw in [("EMA", nsvq.EMAVectorQuantizer, {}), ("SimVQ", nsvq.SimVQ, {}),
-                          ("NSVQ softmax", nsvq.NSVQ, {}),
-                          ("NSVQ clamped", nsvq.NSVQ, {"weighting": "clamped"})]:
-        vq = cls(K, D, **kw).to(device)
-        t = time_it(quantizer_step(vq, z_e), args.repeats, device)
-        rows.append((name, N, K, D, t, t / t_ste))
-    t_nsvq = rows[3][4]
+    steps = {name: quantizer_step(cls(K, D, **kw).to(device), z_e) for name, cls, kw in [
+        ("STE (VectorQuantizer)", nsvq.VectorQuantizer, {}), ("EMA", nsvq.EMAVectorQuantizer, {}),
+        ("SimVQ", nsvq.SimVQ, {}), ("NSVQ softmax", nsvq.NSVQ, {}),
+        ("NSVQ clamped", nsvq.NSVQ, {"weighting": "clamped"})]}
+    times = time_round_robin(steps, args.repeats, device)
+    t_ste, t_nsvq = times["STE (VectorQuantizer)"], times["NSVQ softmax"]
+    rows += [(name, N, K, D, t, t / t_ste) for name, t in times.items()]
 
     codebook = torch.randn(K, D, device=device, requires_grad=True)
     zd = z_e.detach()

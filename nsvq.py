@@ -110,6 +110,24 @@ def default_chunk_size(K, device):
     return max(8, budget // max(K, 1))
 
 
+def _row_max(scores, block=64):
+    """(values, indices) of the largest entry of each row: torch.max(scores, 1), faster on CPU.
+
+    Why: on a CPU torch's argmax/max along a row is a scalar loop (~1 ns per element here),
+    while amax is vectorized. So take the max of each block of 64 entries (vectorized), the
+    argmax over the few block maxima, then the argmax inside the winning block. The result is
+    the same as torch.max, ties going to the lowest index. Shapes: (n, K) -> (n,), (n,).
+    """
+    n, K = scores.shape
+    if K % block or K < 2 * block:
+        return scores.max(1)
+    blocks = scores.view(n, K // block, block)
+    block_max = blocks.amax(2)  # (n, K/block)
+    values, b = block_max.max(1)
+    inner = blocks[torch.arange(n, device=scores.device), b].argmax(1)  # (n,)
+    return values, b * block + inner
+
+
 @torch.no_grad()
 def _search(z, codebook, tau=None, weighting="softmax", lam=0.01, indices=None, chunk_size=None):
     """The one chunked pass over z that every quantizer uses: nearest code and, if tau is
@@ -117,14 +135,18 @@ def _search(z, codebook, tau=None, weighting="softmax", lam=0.01, indices=None, 
 
     Nearest code:  q_i = argmin_j ||z_i - c_j||^2 = argmax_j (2 z_i.c_j - ||c_j||^2), since
     ||z_i||^2 is the same for every j. With tau, the same block of scores, divided by tau, is
-    the kernel's logits: p_ij = softmax_j(-d_ij / tau) = softmax_j(scores_ij), because the
-    constant ||z_i||^2 / tau cancels in the softmax. From p come the weights w_ij (winner
+    the kernel's logits: p_ij = softmax_j(-d_ij / tau) = softmax_j(scores_ij / tau), because
+    the constant ||z_i||^2 / tau cancels in the softmax. From p come the weights w_ij (winner
     excluded) and their sums
 
         S_k = sum_i w_ik z_i,   W_k = sum_i w_ik,   C_k = sum_i w_ik ||z_i||^2     ((K, D+2))
 
-    accumulated with one GEMM per chunk, from which section 2 forms the loss. So the dense
-    loss costs one softmax pass and one GEMM over each (chunk, K) block on top of the search.
+    accumulated with one GEMM per chunk, from which section 2 forms the loss. The softmax is
+    never normalised in place: with m_i the row maximum (found by the search anyway) and
+    e_ij = 2^(scores_ij - m_i) (scores in log2 units, log2(e)/tau folded into the first GEMM),
+    p_ij = e_ij / s_i with s_i = sum_j e_ij, so 1/s_i scales the rows of [z, 1, ||z||^2]
+    (N*(D+2) numbers) instead of the (chunk, K) block. So on top of the search the dense
+    loss costs one exp2 pass, one sum and one GEMM per block.
     Memory is O(chunk*K + K*D) whatever N is; no (N, K) or (chunk, K, D) tensor is built.
     Shapes: z (N, D), codebook (K, D) -> indices (N,) int64, stats (K, D+2) or None.
     Why fp32: in bf16 the cancellation in ||z||^2 - 2 z.c + ||c||^2 decides near-ties wrongly,
@@ -138,29 +160,34 @@ def _search(z, codebook, tau=None, weighting="softmax", lam=0.01, indices=None, 
     dtype = torch.promote_types(z.dtype, torch.float32)
     with torch.autocast(z.device.type, enabled=False):
         z, codebook = z.to(dtype), codebook.to(dtype)
-        scale = 1.0 if tau is None else 1.0 / tau
+        scale = 1.0 if tau is None else math.log2(math.e) / tau  # scores in log2 units
         c_sq = codebook.pow(2).sum(1)  # (K,)
         winners = torch.empty(N, dtype=torch.long, device=z.device) if indices is None else indices
         stats = None
         if tau is not None:
-            # Each row of z_aug is [z_i, 1, ||z_i||^2]: one GEMM w^T z_aug gives S, W and C at once.
+            # Each row of z_aug is [z_i, 1, ||z_i||^2]: one GEMM z_aug^T w gives S, W and C at once.
             z_aug = torch.cat([z, z.new_ones(N, 1), z.pow(2).sum(1, keepdim=True)], 1)  # (N, D+2)
-            stats = z.new_zeros(K, D + 2)
+            stats = z.new_zeros(D + 2, K)  # transposed: the GEMM below runs faster this way round
         for start in range(0, N, chunk):
             rows = slice(start, start + chunk)
-            # scores = (2 z.c - ||c||^2) / tau = (||z||^2 - d) / tau; larger is nearer.
-            scores = torch.addmm(c_sq, z[rows], codebook.T, beta=-scale, alpha=2 * scale)  # (n, K)
+            # scores = (2 z.c - ||c||^2) * log2(e) / tau; larger is nearer. (n, K)
+            scores = torch.addmm(c_sq, z[rows], codebook.T, beta=-scale, alpha=2 * scale)
+            row_max, nearest = _row_max(scores)  # (n,), (n,)
             if indices is None:
-                winners[rows] = scores.argmax(1)
+                winners[rows] = nearest
             if tau is None:
                 continue
-            # p_ij = softmax_j(-d_ij / tau): the same scores, normalised per row. (n, K)
-            w = torch.softmax(scores, 1)
-            if weighting == "clamped":  # w = min(1, lam*K*p)
-                w.mul_(lam * K).clamp_(max=1.0)
-            w.scatter_(1, winners[rows, None], 0.0)  # the winner's own term is excluded
-            stats.addmm_(w.T, z_aug[rows])  # (K, D+2)
-    return winners, stats
+            q = winners[rows, None]  # (n, 1)
+            e = scores.sub_(row_max[:, None]).exp2_()  # e_ij = p_ij * s_i, in place; (n, K)
+            s = e.sum(1, keepdim=True)  # (n, 1)
+            if weighting == "clamped":  # w = min(1, lam*K*p) = (lam*K / s) * min(e, s / (lam*K))
+                e = torch.minimum(e, s / (lam * K), out=e)
+                row_scale = (lam * K) / s
+            else:  # w = p = e / s
+                row_scale = 1.0 / s
+            e.scatter_(1, q, 0.0)  # the winner's own term is excluded
+            stats.addmm_(z_aug[rows].mul(row_scale).T, e)  # (D+2, K)
+    return winners, None if stats is None else stats.T
 
 
 def nearest_code(z, codebook, chunk_size=None):

@@ -44,10 +44,11 @@ def naive_dense_loss(z, codebook, indices, tau, weighting, lam):
 
 # --- 1. oracles ---------------------------------------------------------------------------------
 
-def test_chunked_search_picks_a_nearest_code_like_brute_force():
+@pytest.mark.parametrize("K", [37, 256])  # 256: the blocked row maximum of _row_max
+def test_chunked_search_picks_a_nearest_code_like_brute_force(K):
     torch.manual_seed(0)
     z = torch.randn(103, 5, dtype=torch.float64)
-    codebook = torch.randn(37, 5, dtype=torch.float64)
+    codebook = torch.randn(K, 5, dtype=torch.float64)
     d = brute_force_distances(z, codebook)
     for chunk in (1, 7, 1000):
         idx = nsvq.nearest_code(z, codebook, chunk_size=chunk)
@@ -56,11 +57,12 @@ def test_chunked_search_picks_a_nearest_code_like_brute_force():
 
 
 @pytest.mark.parametrize("weighting", ["softmax", "clamped"])
-def test_non_stationary_loss_value_and_gradient_match_naive_oracle(weighting):
+@pytest.mark.parametrize("K", [11, 128])
+def test_non_stationary_loss_value_and_gradient_match_naive_oracle(weighting, K):
     torch.manual_seed(1)
     z = torch.randn(23, 4, dtype=torch.float64)
-    codebook = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
-    indices = torch.randint(11, (23,))  # arbitrary winners: the routine must exclude exactly these
+    codebook = torch.randn(K, 4, dtype=torch.float64, requires_grad=True)
+    indices = torch.randint(K, (23,))  # arbitrary winners: the routine must exclude exactly these
     loss = nsvq.non_stationary_loss(z, codebook, indices, tau=0.7, weighting=weighting, lam=0.05)
     ref = naive_dense_loss(z, codebook, indices, 0.7, weighting, 0.05)
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
@@ -85,6 +87,17 @@ def test_nsvq_forward_ns_term_matches_naive_oracle_with_its_own_winners(weightin
     g, = torch.autograd.grad(out.losses["ns"], vq.embedding)
     g_ref, = torch.autograd.grad(ref, vq.embedding)
     torch.testing.assert_close(g, g_ref, rtol=1e-6, atol=1e-12)
+
+
+def test_row_max_equals_torch_max_with_ties_going_to_the_lowest_index():
+    torch.manual_seed(3)
+    for K in (50, 128, 1024):  # 50: the plain fallback; the others go through 64-wide blocks
+        scores = torch.randint(0, 4, (64, K)).float()  # many exact ties in every row
+        scores[5] = 7.0  # a row that is all ties
+        values, indices = nsvq._row_max(scores)
+        ref_values = scores.max(1).values
+        first = torch.stack([torch.nonzero(row == row.max())[0, 0] for row in scores])
+        assert torch.equal(values, ref_values) and torch.equal(indices, first)
 
 
 def test_ema_update_matches_closed_form():
