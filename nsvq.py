@@ -103,8 +103,9 @@ def default_chunk_size(K, device):
     """Rows of z per search chunk, so that one (chunk, K) block stays small.
 
     Why: on a CPU a block of ~2**18 floats (1 MiB) stays in cache between the passes over it
-    (of 8 to 256 rows at K = 16384, 16 rows was fastest here); on a GPU bigger blocks keep the
-    device busy, and 2**26 floats (256 MiB) is a few chunks per step at the ImageNet sizes.
+    (8 to 128 rows tried at K = 16384: 16 to 64 equally fast, 8 and 128 slower); on a GPU
+    bigger blocks keep the device busy, and 2**26 floats (256 MiB) is a few chunks per step at
+    the ImageNet sizes.
     """
     budget = 2 ** 26 if torch.device(device).type == "cuda" else 2 ** 18
     return max(8, budget // max(K, 1))
@@ -497,11 +498,14 @@ class NSVQ(VectorQuantizer):
 
     The dense term is on while self.dense and self.training (the loop sets vq.dense from the
     schedule); otherwise "ns" is a zero tensor. Its weights are computed in the same chunked
-    pass that finds the winners, so it costs one softmax pass and one more GEMM per chunk.
+    pass that finds the winners, so it costs one exp2 pass and one more GEMM per chunk
+    (about as much again as the search itself; README, "Speed and memory").
     Which defaults are the paper's and which we measured: see the README.
     Warning (measured, README "Encoder drift"): under Adam a code moves by about its learning
     rate per step whatever its gradient, so the dense loss cannot make a slow codebook keep up
-    with a fast encoder; give the codebook a higher learning rate than the encoder then.
+    with a fast encoder. Replacement then re-seeds the codes left behind, many in one step, and
+    the decoder's input jumps in scale: on MNIST an unnormalised decoder died of that jump
+    (output = mean image); a GroupNorm on its first layer made it indifferent.
     Shapes: as VectorQuantizer.
     """
 

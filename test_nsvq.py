@@ -494,6 +494,9 @@ def test_mnist_main_runs_every_stage_and_writes_results_figures_and_a_usable_che
     for name in ("reconstructions.png", "usage.png", "curves.png", "ckpt.pt"):
         assert (tmp_path / "run" / name).stat().st_size > 0
     assert {h["stage"] for h in saved["history"]} == {"stage1", "warmup", "stage2"}
+    for h in saved["history"]:  # the probe's scales: finite, and the triangle inequality holds
+        assert 0 <= h["quant_error"] <= h["latent_norm"] + h["code_norm"] + 1e-6
+        assert h["output_std"] >= 0 and math.isfinite(h["output_std"])
     model = train_mnist.load_autoencoder(str(tmp_path / "run" / "ckpt.pt"))
     images = train_mnist.load_split(cfg, "test")[:5]
     indices = model.encode(images)
@@ -530,6 +533,8 @@ def test_mnist_resume_without_a_checkpoint_or_with_another_model_fails_clearly(t
     train_mnist.main(tiny_config(tmp_path, epochs=1))
     with pytest.raises(ValueError, match="codebook_size"):
         train_mnist.main(tiny_config(tmp_path, epochs=2, codebook_size=32, resume=True))
+    with pytest.raises(ValueError, match="decoder_norm"):
+        train_mnist.main(tiny_config(tmp_path, epochs=2, decoder_norm=False, resume=True))
 
 
 def test_mnist_loader_rejects_corrupt_truncated_wrong_magic_and_missing_files(tmp_path):
