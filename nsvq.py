@@ -708,7 +708,7 @@ def _toy_run(method, scenario, steps=1500, K=64, seed=0):
         vq = EMAVectorQuantizer(K, 2, decay=0.95)
     else:
         # tau is in squared-distance units: 0.02 is about the spread within a blob. At 0.05 the
-        # kernel was too wide once the data had shrunk and codes merged (33% used at the end).
+        # kernel was too wide once the data had shrunk and codes merged (36% used at the end).
         vq = NSVQ(K, 2, alpha=1.0, tau=0.02)
     with torch.no_grad():  # every method starts from the same codebook, on the data at t = 0
         vq.codebook.copy_(_toy_data(scenario, 0.0, K, gen))
