@@ -136,8 +136,8 @@ def _search(z, codebook, tau=None, weighting="softmax", lam=0.01, indices=None, 
 
     Nearest code:  q_i = argmin_j ||z_i - c_j||^2 = argmax_j (2 z_i.c_j - ||c_j||^2), since
     ||z_i||^2 is the same for every j. With tau, the same block of scores, divided by tau, is
-    the kernel's logits: p_ij = softmax_j(-d_ij / tau) = softmax_j(scores_ij / tau), because
-    the constant ||z_i||^2 / tau cancels in the softmax. From p come the weights w_ij (winner
+    the kernel's logits: p_ij = softmax_j(-d_ij / tau) = softmax_j((2 z_i.c_j - ||c_j||^2) / tau),
+    because the constant ||z_i||^2 / tau cancels in the softmax. From p come the weights w_ij (winner
     excluded) and their sums
 
         S_k = sum_i w_ik z_i,   W_k = sum_i w_ik,   C_k = sum_i w_ik ||z_i||^2     ((K, D+2))
@@ -171,7 +171,8 @@ def _search(z, codebook, tau=None, weighting="softmax", lam=0.01, indices=None, 
             stats = z.new_zeros(D + 2, K)  # transposed: the GEMM below runs faster this way round
         for start in range(0, N, chunk):
             rows = slice(start, start + chunk)
-            # scores = (2 z.c - ||c||^2) * log2(e) / tau; larger is nearer. (n, K)
+            # scores = (2 z.c - ||c||^2) * scale, scale = log2(e) / tau (1 without tau);
+            # larger is nearer. (n, K)
             scores = torch.addmm(c_sq, z[rows], codebook.T, beta=-scale, alpha=2 * scale)
             row_max, nearest = _row_max(scores)  # (n,), (n,)
             if indices is None:

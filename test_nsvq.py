@@ -587,6 +587,8 @@ def test_mnist_command_line_lists_every_config_field_and_rejects_bad_options(tmp
                           make_fake_mnist(str(tmp_path / "d")), "--no-download", "--out", str(tmp_path / "o")],
                          cwd=HERE, capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown quantizer 'vqgan'" in bad.stderr
+    with pytest.raises(ValueError, match="multiple of 8 with decoder_norm"):
+        train_mnist.resolve(train_mnist.Config(width=12))
 
 
 def test_readme_python_blocks_run():

@@ -209,7 +209,7 @@ class Autoencoder(nn.Module):
     layer die and the model output the mean image (test MSE 0.123); SiLU has no dead zone.
     GroupNorm after the decoder's first conv (decoder_norm): without it a fast encoder
     (--encoder-lr-mult 3 or 10) left the codes behind until replacement re-seeded hundreds of
-    them in one step; the decoder's input jumped ~10x in scale, its output went flat and never
+    them in one step; the decoder's input jumped ~15x in scale, its output went flat and never
     recovered. Normalising the decoder's first features makes it indifferent to that jump
     (README, "Encoder drift"); VQGAN-style decoders, like train_imagenet.py's, normalise too.
     """
@@ -372,6 +372,9 @@ def resolve(cfg):
         raise ValueError(f"unknown dataset {cfg.dataset!r}; expected one of {list(DATASETS)}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.replace_every < 1:
         raise ValueError("epochs, batch_size and replace_every must be >= 1")
+    if cfg.width < 2 or (cfg.decoder_norm and cfg.width % 8):
+        raise ValueError(f"width must be >= 2, and a multiple of 8 with decoder_norm (GroupNorm "
+                         f"with 8 groups), got {cfg.width}; or pass --no-decoder-norm")
     if cfg.encoder_lr_mult <= 0:
         raise ValueError(f"encoder_lr_mult must be > 0, got {cfg.encoder_lr_mult}")
     if cfg.freeze_epoch is None:
