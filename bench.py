@@ -1,27 +1,30 @@
 """
-bench.py -- speed and memory of the quantizers, printed as a markdown table.
+bench.py -- speed and memory of the quantizers, and the paper's scale simulated on a CPU.
 
-    python bench.py                  # CPU, the sizes the targets name (a few minutes)
-    python bench.py --device cuda    # the same on a GPU
-    python bench.py --quick          # small sizes, a few seconds (used by the tests)
-    python bench.py --imagenet --device cuda   # the GPU check of train_imagenet.py (~5 min)
+    python bench.py                    # the quantizer table on the CPU (~6 min on 2 cores)
+    python bench.py --device cuda      # the same on a GPU
+    python bench.py --quick            # small sizes, a few seconds (used by the tests)
+    python bench.py --imagenet --device cuda   # train_imagenet.py's own training step
+    python bench.py --scale-sim        # 0.5 latents per code per step, drifting latents (~9 min)
 
-Targets (issue 2), medians of >= 5 warm runs, forward + backward of the whole quantizer:
-  - NSVQ <= 1.5x the STE quantizer at N=8192, K=16384, D=16 (both use the same chunked search);
-  - NSVQ >= 20x faster than the dense loss written with a materialised (chunk, K, D) tensor;
-  - NSVQ at N=16384, K=65536, D=64 under 2 GB peak memory (RSS on CPU, measured in a fresh
-    subprocess; max_memory_allocated on CUDA).
+The table: forward + backward of each whole quantizer (search, losses, straight-through) on
+random latents, median of --repeats warm runs taken in turns, at two sizes: N = 8,192,
+K = 16,384, D = 16 (where the search is bandwidth-bound) and the paper's per-GPU size
+N = 4,096 (16 images x 16x16 tokens), K = 65,536, D = 128. Plus the dense loss written with
+a materialised (chunk, K, D) tensor, and NSVQ's peak memory at N = 16,384, K = 65,536,
+D = 64 (process RSS in a fresh interpreter; max_memory_allocated on CUDA).
 """
 
 import argparse
 import json
+import math
+import os
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import nsvq
 
@@ -43,15 +46,10 @@ def naive_dense_loss(z, codebook, tau, chunk=64):
     return total
 
 
-def time_it(fn, repeats, device):
-    """Median seconds of `repeats` warm runs (one warm-up run first)."""
-    return time_round_robin({"fn": fn}, repeats, device)["fn"]
-
-
 def time_round_robin(fns, repeats, device):
     """Median seconds of `repeats` warm runs of each function, taken in turns (one warm-up run
-    each first). Why in turns: on a shared VM the speed drifts by +-20% over a minute, and
-    timing one function after the other would put that drift into their ratio."""
+    each first). Why in turns: on a shared machine the speed drifts by +-20% over a minute,
+    and timing one function after the other would put that drift into their ratio."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
@@ -82,123 +80,275 @@ def peak_memory(N, K, D, device):
     code = (f"import torch, resource, json, nsvq\n"
             f"vq = nsvq.NSVQ({K}, {D}).to('{device}')\n"
             f"z = torch.randn({N}, {D}, device='{device}', requires_grad=True)\n"
-            f"base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
             f"out = vq(z); sum(out.losses.values()).backward()\n"
             f"peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
             f"gpu = torch.cuda.max_memory_allocated() if '{device}' == 'cuda' else 0\n"
-            f"print(json.dumps({{'rss': peak, 'rss_before': base, 'gpu': gpu}}))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            f"print(json.dumps({{'rss': peak, 'gpu': gpu}}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def imagenet_steps(device, steps, batch, quick):
-    """Training-step time and peak memory of train_imagenet.py's paper preset on synthetic data.
+QUANTIZERS = [("STE (VectorQuantizer)", nsvq.VectorQuantizer, {}), ("EMA", nsvq.EMAVectorQuantizer, {}),
+              ("SimVQ", nsvq.SimVQ, {}), ("NSVQ softmax", nsvq.NSVQ, {}),
+              ("NSVQ clamped", nsvq.NSVQ, {"weighting": "clamped"}),
+              ("NSVQ relative tau", nsvq.NSVQ, {"tau": 1.0, "tau_mode": "relative"})]
 
-    Rows: NSVQ in fp32 eager, bf16 eager, bf16 + compile; SimVQ in bf16 + compile. Randomly
-    initialised LPIPS (the weights do not change the cost). Targets (issue 4): NSVQ <= 1.10x
-    SimVQ's step time and <= 1.05x its memory.
-    """
-    import train_imagenet as ti
-    import metrics
-    preset = ti.PRESETS["tiny"] if quick else {}
+
+def quantizer_table(args):
+    device = args.device
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # distances at full fp32 precision
+    sizes = [(512, 1024, 16), (256, 4096, 128)] if args.quick else [(8192, 16384, 16), (4096, 65536, 128)]
     rows = []
-    for quantizer, amp, compile_ in [("nsvq", "none", False), ("nsvq", "bf16", False),
-                                     ("nsvq", "bf16", True), ("simvq", "bf16", True)]:
-        cfg = ti.Config(**{**preset, "quantizer": quantizer, "amp": amp, "compile": compile_})
+    for N, K, D in sizes:
         torch.manual_seed(0)
-        model = ti.Autoencoder(cfg).to(device)
-        disc = ti.make_discriminator().to(device)
-        lpips = metrics.LPIPS("random", "random").to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.5, 0.9))
-        opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.5, 0.9))
-        run_model = torch.compile(model) if compile_ else model
-        run_disc = torch.compile(disc) if compile_ else disc
-        x = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+        z_e = torch.randn(N, D, device=device, requires_grad=True)  # (B=N, D): no spatial dims
+        steps = {name: quantizer_step(cls(K, D, **kw).to(device), z_e) for name, cls, kw in QUANTIZERS}
+        times = time_round_robin(steps, args.repeats, device)
+        t_ste = times["STE (VectorQuantizer)"]
+        rows += [(name, N, K, D, t, t / t_ste, t / times["SimVQ"]) for name, t in times.items()]
+        if D == 16:
+            codebook = torch.randn(K, D, device=device, requires_grad=True)
+            zd = z_e.detach()
+            t_naive = time_round_robin({"naive": lambda: naive_dense_loss(zd, codebook, 0.35)},
+                                       args.repeats, device)["naive"]
+            rows.append(("naive (chunk, K, D) dense loss", N, K, D, t_naive, t_naive / t_ste,
+                         t_naive / times["SimVQ"]))
+            ratio_naive = t_naive / times["NSVQ softmax"]
+    print(f"\ndevice: {device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else
+                                   f" ({torch.get_num_threads()} threads)")
+          + f", torch {torch.__version__}; forward+backward, median of {args.repeats} warm runs\n")
+    print("| quantizer | N | K | D | ms | x STE | x SimVQ |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, n, k, d, t, r_ste, r_simvq in rows:
+        print(f"| {name} | {n} | {k} | {d} | {t * 1e3:.1f} | {r_ste:.2f} | {r_simvq:.2f} |")
+    mem_N, mem_K, mem_D = (1024, 4096, 64) if args.quick else (16384, 65536, 64)
+    mem = peak_memory(mem_N, mem_K, mem_D, device)
+    key = "gpu" if device == "cuda" else "rss"
+    print(f"\nnaive / NSVQ softmax at D = 16: {ratio_naive:.1f}x")
+    print(f"NSVQ peak memory at N={mem_N}, K={mem_K}, D={mem_D}: {mem[key] / 2**30:.2f} GiB "
+          f"({'GPU allocated' if key == 'gpu' else 'process RSS'})")
+    return {"rows": rows, "peak_memory": mem, "device": device}
 
-        def step():
-            with ti.autocast(cfg, torch.device(device)):
-                x_hat, z_e, out = run_model(x)
-                loss = ((x_hat.float() - x).abs().mean() + lpips(x_hat, x).mean()
-                        + sum(out.losses.values()) + 0.1 * F.softplus(-run_disc(x_hat).float()).mean())
+
+# -----------------------------------------------------------------------------
+# The paper's scale on a CPU: 0.5 latents per code per step, latents that drift
+# -----------------------------------------------------------------------------
+
+class DriftingMixture:
+    """A stand-in for an encoder whose output keeps moving: `modes` Gaussian blobs (std 0.5 per
+    dimension, centres N(0, 4 I)) whose centres travel along their own random directions while
+    the whole cloud grows. At speed 1 a centre moves one blob radius (0.5 sqrt(D)) every 2,000
+    steps, a quarter of what an Adam step of lr 1e-3 can move a code (1e-3 sqrt(D)), and the
+    cloud grows by 10% over `steps`; `speed` multiplies both (the paper's Fig. 2 multiplies the
+    encoder's learning rate by 0.1 ... 10): at 10 a code moved by its gradient cannot keep up."""
+
+    def __init__(self, modes, dim, steps, speed, generator):
+        self.centres = 2.0 * torch.randn(modes, dim, generator=generator)
+        directions = torch.randn(modes, dim, generator=generator)
+        self.velocity = directions / directions.norm(dim=1, keepdim=True) * speed * 0.5 * dim ** 0.5 / 2000
+        self.growth = 0.1 * speed / steps
+        self.generator = generator
+
+    def sample(self, n, step):
+        pick = torch.randint(len(self.centres), (n,), generator=self.generator)
+        centres = self.centres + step * self.velocity  # (modes, D)
+        z = centres[pick] + 0.5 * torch.randn(n, self.centres.shape[1], generator=self.generator)
+        return z * (1.0 + self.growth * step)  # (n, D)
+
+
+SIM_METHODS = ("ste+replace", "ema+replace", "simvq", "nsvq-no-replace", "nsvq")
+EXTRA_SIM_METHODS = ("nsvq-absolute-tau",)  # with --sim-methods
+
+
+def make_sim_quantizer(method, K, D, args):
+    """(quantizer, replaces during training) for a method name of the simulation."""
+    if method == "ste+replace":
+        return nsvq.VectorQuantizer(K, D), True
+    if method == "ema+replace":
+        return nsvq.EMAVectorQuantizer(K, D, decay=args.ema_decay), True
+    if method == "simvq":
+        return nsvq.SimVQ(K, D), False
+    if method == "nsvq-absolute-tau":
+        return nsvq.NSVQ(K, D, tau=args.absolute_tau), True
+    relative = nsvq.NSVQ(K, D, tau=args.relative_tau, tau_mode="relative")
+    return relative, method == "nsvq"
+
+
+def simulate(method, speed, args, seed=0):
+    """Train one codebook on the drifting mixture; return its curves (every 20 steps) and totals.
+
+    Every method starts from the same data: replacement runs until every code has been seeded
+    from latents (SimVQ has no per-code parameters and starts from its own initialisation); then
+    runs every --sim-replace-every steps for the methods that replace. Curves: utilization and
+    perplexity of the codes used in the last 20 steps (10 expected assignments per code),
+    quantization error relative to the latents' variance, kernel mass, duplicate codes.
+    """
+    K, N, D, steps = args.sim_codes, args.sim_codes // 2, args.sim_dim, args.sim_steps
+    torch.manual_seed(seed)
+    data = DriftingMixture(K // 32, D, steps, speed, torch.Generator().manual_seed(seed))
+    vq, replaces = make_sim_quantizer(method, K, D, args)
+    params = list(vq.parameters())
+    opt = torch.optim.Adam(params, lr=args.sim_lr) if params else None
+    curves, window, previous = [], torch.zeros(K), torch.zeros(K)
+    sums = {"error": 0.0, "mass": 0.0}
+    reseeded = live_reseeded = 0
+    for step in range(steps):
+        z = data.sample(N, step)  # (N, D)
+        out = vq(z)
+        if opt:
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            sum(out.losses.values()).backward()
             opt.step()
-            with ti.autocast(cfg, torch.device(device)):
-                d_loss = (F.relu(1 - run_disc(x).float()).mean()
-                          + F.relu(1 + run_disc(x_hat.detach()).float()).mean())
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-            model.vq.update_(z_e.detach().float(), out.indices)
-            if quantizer == "nsvq":
-                model.vq.replace_dead_codes_()
+        counts = vq.update_(z, out.indices)
+        window += counts
+        seeding = method != "simvq" and not bool(vq.upkeep.seeded.all())
+        if seeding or (replaces and step % args.sim_replace_every == 0):
+            dead = vq.replace_dead_codes_()
+            if opt:
+                nsvq.reset_adam_state_(opt, vq.embedding, dead)
+            if not seeding:  # "live": chosen in the last 20 to 40 steps
+                reseeded += len(dead)
+                live_reseeded += int(((window + previous)[dead] > 0).sum())
+        error = nsvq.mean_quantization_error(z, vq.codebook.detach(), out.indices)
+        sums["error"] += float(error / z.var(0).sum())
+        sums["mass"] += float(out.diagnostics.get("kernel_mass", float("nan")))
+        if (step + 1) % 20 == 0:
+            health = nsvq.codebook_stats(window)
+            curves.append({"step": step + 1, "utilization": health["utilization"],
+                           "perplexity": health["perplexity"], "rel_error": sums["error"] / 20,
+                           "kernel_mass": sums["mass"] / 20,
+                           "duplicates": nsvq.duplicate_codes(vq.codebook.detach())})
+            window, previous = torch.zeros(K), window
+            sums = {"error": 0.0, "mass": 0.0}
+    last = curves[len(curves) // 2:]  # the second half of the run
+    return {"method": method, "speed": speed, "curves": curves,
+            "utilization": curves[-1]["utilization"], "perplexity": curves[-1]["perplexity"],
+            "rel_error": statistics.mean(c["rel_error"] for c in last),
+            "kernel_mass": statistics.mean(c["kernel_mass"] for c in curves),
+            "reseeded": reseeded, "live_reseeded": live_reseeded,
+            "duplicates": max(c["duplicates"] for c in curves)}
 
-        for _ in range(3):  # warm-up (and compilation)
-            step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t = time_it(step, steps, device)
-        mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
-        name = f"{quantizer} {amp}{' + compile' if compile_ else ''}"
-        rows.append((name, t, batch / t, mem))
-    print(f"\ntrain_imagenet.py step, batch {batch} per device, {device}"
-          + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "") + "\n")
-    print("| run | ms/step | img/s | peak GiB |\n|---|---:|---:|---:|")
-    for name, t, ips, mem in rows:
-        print(f"| {name} | {t * 1e3:.0f} | {ips:.0f} | {mem:.1f} |")
-    print(f"\nNSVQ / SimVQ (bf16 + compile): time {rows[2][1] / rows[3][1]:.2f}x (target <= 1.10), "
-          f"memory {rows[2][3] / rows[3][3]:.2f}x (target <= 1.05)")
+
+def scale_simulation(args):
+    t0 = time.time()
+    K = args.sim_codes
+    print(f"K = {K} codes, {K // 2} latents per step (0.5 per code), D = {args.sim_dim}, "
+          f"{K // 32} drifting modes, {args.sim_steps} steps, Adam lr {args.sim_lr}, replacement "
+          f"every {args.sim_replace_every} steps; relative tau {args.relative_tau}, absolute tau "
+          f"{args.absolute_tau}, EMA decay {args.ema_decay}")
+    results = []
+    for speed in args.sim_speeds:
+        for method in args.sim_methods:
+            r = simulate(method, speed, args)
+            results.append(r)
+            print(f"x{speed:<4g} {method:18s} util {r['utilization']:6.1%} ppl {r['perplexity']:6.0f} "
+                  f"rel.error {r['rel_error']:.4f} re-seeded {r['reseeded']:5d} (live {r['live_reseeded']:4d}) "
+                  f"duplicates {r['duplicates']} mass {r['kernel_mass']:.2f}  [{time.time() - t0:.0f}s]",
+                  flush=True)
+    print("\n| method | drift | utilization | perplexity | quant. error / var | re-seeded (live) | duplicates | kernel mass |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        mass = "—" if math.isnan(r["kernel_mass"]) else f"{r['kernel_mass']:.2f}"
+        print(f"| {r['method']} | x{r['speed']:g} | {r['utilization']:.1%} | {r['perplexity']:.0f} | "
+              f"{r['rel_error']:.4f} | {r['reseeded']} ({r['live_reseeded']}) | {r['duplicates']} | {mass} |")
+    print(f"\n{time.time() - t0:.0f} s")
+    if args.figure:
+        plot_simulation(results, args)
+    return results
 
 
-def main():
+def plot_simulation(results, args):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    speeds = list(dict.fromkeys(r["speed"] for r in results))
+    fig, axes = plt.subplots(2, len(speeds), figsize=(4 * len(speeds), 6), squeeze=False)
+    for col, speed in enumerate(speeds):
+        for r in (r for r in results if r["speed"] == speed):
+            steps = [c["step"] for c in r["curves"]]
+            axes[0, col].plot(steps, [c["utilization"] for c in r["curves"]], label=r["method"])
+            axes[1, col].plot(steps, [c["rel_error"] for c in r["curves"]], label=r["method"])
+        axes[0, col].set(title=f"drift x{speed:g}", ylim=(0, 1.02), ylabel="codes used (last 20 steps)")
+        axes[1, col].set(xlabel="step", yscale="log", ylabel="quant. error / latent variance")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = f"{args.figure}.tmp{os.getpid()}.png"
+    try:
+        fig.savefig(tmp, dpi=55)
+        os.replace(tmp, args.figure)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"wrote {args.figure}")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=9, help="warm runs per timing (median)")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
-    parser.add_argument("--json", default=None, help="also write the rows to this file")
-    parser.add_argument("--imagenet", action="store_true", help="time train_imagenet.py steps instead")
-    parser.add_argument("--batch", type=int, default=32, help="--imagenet: images per step")
-    args = parser.parse_args()
-    device = args.device
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--imagenet", action="store_true", help="time train_imagenet.py's training step")
+    parser.add_argument("--batch", type=int, default=16, help="--imagenet: images per device (paper: 16)")
+    parser.add_argument("--scale-sim", action="store_true", help="run the scale simulation instead")
+    parser.add_argument("--sim-codes", type=int, default=4096, help="K; K/2 latents per step")
+    parser.add_argument("--sim-dim", type=int, default=32, help="D")
+    parser.add_argument("--sim-steps", type=int, default=1200)
+    parser.add_argument("--sim-speeds", type=float, nargs="+", default=[0.1, 1.0, 3.0, 10.0])
+    parser.add_argument("--sim-methods", nargs="+", default=list(SIM_METHODS),
+                        choices=SIM_METHODS + EXTRA_SIM_METHODS)
+    parser.add_argument("--sim-lr", type=float, default=1e-3, help="Adam lr of the codebooks")
+    parser.add_argument("--sim-replace-every", type=int, default=10)
+    parser.add_argument("--relative-tau", type=float, default=1.0)
+    parser.add_argument("--absolute-tau", type=float, default=0.35)
+    parser.add_argument("--ema-decay", type=float, default=0.99, help="(0.8 breaks at 0.5 latents "
+                        "per code per step: EXPERIMENTS.md)")
+    parser.add_argument("--figure", default=None, help="--scale-sim: write the figure here")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    for name in ("repeats", "batch", "sim_steps", "sim_replace_every", "sim_dim"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.sim_codes < 64 or args.sim_steps < 20:
+        parser.error("--sim-codes must be >= 64 and --sim-steps >= 20")
+    for name in ("sim_lr", "relative_tau", "absolute_tau"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            parser.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+    if not 0 <= args.ema_decay < 1 or not all(math.isfinite(s) and s > 0 for s in args.sim_speeds):
+        parser.error("--ema-decay must be in [0, 1) and every --sim-speeds value > 0")
+    for path in (args.json, args.figure):  # found out now, not after minutes of benchmarking
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and (not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
+            parser.error(f"cannot write {path}: folder {folder} does not exist or is not writable")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.imagenet:
-        return imagenet_steps(device, args.repeats, args.batch, args.quick)
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # distances at full fp32 precision
-    N, K, D = (512, 1024, 16) if args.quick else (8192, 16384, 16)
-    mem_N, mem_K, mem_D = (1024, 4096, 64) if args.quick else (16384, 65536, 64)
-    rows = []
-
-    torch.manual_seed(0)
-    z_e = torch.randn(N, D, device=device, requires_grad=True)  # (B=N, D): no spatial dims
-    steps = {name: quantizer_step(cls(K, D, **kw).to(device), z_e) for name, cls, kw in [
-        ("STE (VectorQuantizer)", nsvq.VectorQuantizer, {}), ("EMA", nsvq.EMAVectorQuantizer, {}),
-        ("SimVQ", nsvq.SimVQ, {}), ("NSVQ softmax", nsvq.NSVQ, {}),
-        ("NSVQ clamped", nsvq.NSVQ, {"weighting": "clamped"})]}
-    times = time_round_robin(steps, args.repeats, device)
-    t_ste, t_nsvq = times["STE (VectorQuantizer)"], times["NSVQ softmax"]
-    rows += [(name, N, K, D, t, t / t_ste) for name, t in times.items()]
-
-    codebook = torch.randn(K, D, device=device, requires_grad=True)
-    zd = z_e.detach()
-    t_naive = time_it(lambda: naive_dense_loss(zd, codebook, 0.35), args.repeats, device)
-    rows.append(("naive (chunk, K, D) dense loss", N, K, D, t_naive, t_naive / t_ste))
-
-    print(f"\ndevice: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}; "
-          f"forward+backward, median of {args.repeats} warm runs\n")
-    print("| quantizer | N | K | D | ms | x STE |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, n, k, d, t, ratio in rows:
-        print(f"| {name} | {n} | {k} | {d} | {t * 1e3:.1f} | {ratio:.2f} |")
-    mem = peak_memory(mem_N, mem_K, mem_D, device)
-    key = "gpu" if device == "cuda" else "rss"
-    print(f"\nNSVQ / STE: {t_nsvq / t_ste:.2f}x (target <= 1.5); "
-          f"naive / NSVQ: {t_naive / t_nsvq:.1f}x (target >= 20)")
-    print(f"NSVQ peak memory at N={mem_N}, K={mem_K}, D={mem_D}: {mem[key] / 2**30:.2f} GiB "
-          f"({'GPU allocated' if key == 'gpu' else 'process RSS'}; target < 2 GB)")
+        import train_imagenet
+        result = train_imagenet.benchmark_steps(args.device, args.batch, args.repeats, args.quick)
+    elif args.scale_sim:
+        result = scale_simulation(args)
+    else:
+        result = quantizer_table(args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "peak_memory": mem, "device": device}, f, indent=1)
+        tmp = f"{args.json}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(result, f, indent=1)
+            os.replace(tmp, args.json)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 if __name__ == "__main__":

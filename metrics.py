@@ -1,15 +1,15 @@
 """
 metrics.py -- the evaluation networks and metrics of train_imagenet.py, in plain torch.
 
-  - LPIPS-VGG (Zhang et al., 2018, v0.1): VGG16 features at relu1_2 .. relu5_3, unit-normalised per
-    channel, squared differences weighted by learned 1x1 "lin" layers, averaged over space.
+  - LPIPS (Zhang et al., 2018, v0.1) with VGG16 or AlexNet features: features unit-normalised
+    per channel, squared differences weighted by learned 1x1 "lin" layers, averaged over space.
   - InceptionV3 with the TF-FID weights (Heusel et al., 2017; the graph pytorch-fid ports): pool3
     features (2048) for the Frechet distance.
   - Frechet distance with the matrix square root from eigendecompositions in float64 (no scipy).
-  - PSNR (mean over images) and SSIM (11x11 Gaussian window, sigma 1.5), images in [0, 1].
+  - PSNR and SSIM as SimVQ's evaluation reports them (see each function).
 
 Weights: "auto" downloads the public files once with torch.hub (cached under ~/.cache/torch/hub);
-a path loads them offline; "none" skips the metric; "random" keeps random weights (tests, timing).
+a path loads them offline; "random" keeps random weights (tests and timing only).
 The architectures are written from the papers' descriptions; only the parameter names follow the
 public weight files so those load directly.
 """
@@ -20,56 +20,89 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
-LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
-INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                 "pt_inception-2015-12-05-6726825d.pth")
+WEIGHT_FILES = {  # file name -> public URL
+    "vgg16-397923af.pth": "https://download.pytorch.org/models/vgg16-397923af.pth",
+    "alexnet-owt-7be5be79.pth": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+    "vgg.pth": "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth",
+    "alex.pth": "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/alex.pth",
+    "pt_inception-2015-12-05-6726825d.pth": ("https://github.com/mseitzer/pytorch-fid/releases/download/"
+                                             "fid_weights/pt_inception-2015-12-05-6726825d.pth"),
+}
 
 
-def load_weights(spec, url, what):
-    """State dict from 'auto' (torch.hub download, cached) or a path; a clear error otherwise."""
-    if spec != "auto":
-        if not os.path.isfile(spec):
-            raise FileNotFoundError(f"{what} weights: no file at {spec!r} (download {url} "
-                                    f"and pass its path, or pass 'none' to skip the metric)")
-        return torch.load(spec, map_location="cpu", weights_only=True)
+class WeightsError(RuntimeError):
+    """Network weights could not be downloaded or read."""
+
+
+def load_weights(spec, name, option):
+    """State dict of the public file `name`: from torch.hub ("auto": download once, cached), or
+    from the folder or file `spec`. `option` is the command-line flag that sets spec."""
+    url = WEIGHT_FILES[name]
+    if spec == "auto":
+        try:
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False)
+        except Exception as e:
+            raise WeightsError(f"could not download {name} ({type(e).__name__}: {e}); on an offline "
+                               f"machine download {url} elsewhere and pass its folder with {option}") from None
+    path = os.path.join(spec, name) if os.path.isdir(spec) else spec
+    if not os.path.isfile(path):
+        raise WeightsError(f"{option} {spec}: no file {path} (download {url})")
     try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"{what} weights: download of {url} failed ({e}); on an offline machine "
-                           f"download it elsewhere and pass its path, or pass 'none'") from None
+        raise WeightsError(f"{option} {spec}: {path} is not a readable weights file ({type(e).__name__})") from None
 
 
 # -----------------------------------------------------------------------------
-# LPIPS-VGG
+# LPIPS (VGG16 or AlexNet features)
 # -----------------------------------------------------------------------------
 
 VGG16_CONFIG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
-LPIPS_TAPS = (3, 8, 15, 22, 29)  # indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+LPIPS_NETS = {  # features, indices of the ReLUs tapped, their widths, weight files (torchvision, lin)
+    "vgg": ((3, 8, 15, 22, 29), (64, 128, 256, 512, 512), "vgg16-397923af.pth", "vgg.pth"),
+    "alex": ((1, 4, 7, 9, 11), (64, 192, 384, 256, 256), "alexnet-owt-7be5be79.pth", "alex.pth"),
+}
+
+
+def _vgg16_features():
+    layers, c = [], 3
+    for v in VGG16_CONFIG:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+            c = v
+    return nn.Sequential(*layers)
+
+
+def _alexnet_features():  # torchvision's AlexNet layout, up to relu5
+    return nn.Sequential(nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2),
+                         nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+                         nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(256, 256, 3, padding=1), nn.ReLU())
 
 
 class LPIPS(nn.Module):
-    """Perceptual distance between images in [-1, 1]: (B, 3, H, W) x 2 -> (B,)."""
+    """Perceptual distance between images in [-1, 1]: (B, 3, H, W) x 2 -> (B,).
 
-    def __init__(self, weights="auto", lin_weights="auto"):
+    net: "vgg" (the training loss of VQGAN and SimVQ) or "alex" (the metric LPIPS recommends).
+    weights: "auto", a folder holding the two files of LPIPS_NETS[net], or "random".
+    """
+
+    def __init__(self, net="vgg", weights="auto", option="--lpips-weights"):
         super().__init__()
-        layers, c = [], 3
-        for v in VGG16_CONFIG:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU(inplace=False)]
-                c = v
-        self.features = nn.Sequential(*layers)
-        self.lins = nn.ModuleList(nn.Conv2d(ch, 1, 1, bias=False) for ch in (64, 128, 256, 512, 512))
+        self.taps, widths, features_file, lin_file = LPIPS_NETS[net]
+        self.features = _vgg16_features() if net == "vgg" else _alexnet_features()
+        self.lins = nn.ModuleList(nn.Conv2d(ch, 1, 1, bias=False) for ch in widths)
         # Input scaling of LPIPS v0.1 (maps ImageNet-normalised statistics onto [-1, 1] inputs).
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
         if weights != "random":
-            vgg = load_weights(weights, VGG16_URL, "VGG16")
-            self.features.load_state_dict({k[len("features."):]: v for k, v in vgg.items()
+            state = load_weights(weights, features_file, option)
+            self.features.load_state_dict({k[len("features."):]: v for k, v in state.items()
                                            if k.startswith("features.")})
-            lin = load_weights(lin_weights, LPIPS_URL, "LPIPS lin")
+            lin = load_weights(weights, lin_file, option)
             for i, layer in enumerate(self.lins):
                 layer.weight.data.copy_(lin[f"lin{i}.model.1.weight"])
         self.requires_grad_(False)
@@ -79,9 +112,9 @@ class LPIPS(nn.Module):
         h = torch.cat([x, y]).float()
         h = (h - self.shift) / self.scale
         total, lin = 0.0, iter(self.lins)
-        for i, layer in enumerate(self.features[:LPIPS_TAPS[-1] + 1]):
+        for i, layer in enumerate(self.features[:self.taps[-1] + 1]):
             h = layer(h)
-            if i in LPIPS_TAPS:
+            if i in self.taps:
                 f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit norm per position
                 fx, fy = f.chunk(2)
                 total = total + next(lin)((fx - fy).pow(2)).mean((1, 2, 3))
@@ -215,7 +248,7 @@ class InceptionFID(nn.Module):
         self.Mixed_7a = InceptionD(768)
         self.Mixed_7b, self.Mixed_7c = InceptionE(1280, max_pool=False), InceptionE(2048, max_pool=True)
         if weights != "random":
-            state = load_weights(weights, INCEPTION_URL, "Inception (TF-FID)")
+            state = load_weights(weights, "pt_inception-2015-12-05-6726825d.pth", "--inception")
             self.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
         self.requires_grad_(False)
         self.eval()
@@ -275,22 +308,31 @@ def frechet_distance(mu1, cov1, mu2, cov2):
     return float((mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * inner)
 
 
-def psnr(x, y):
-    """Per-image PSNR (B,) for images in [0, 1]."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
+def to_uint8_levels(x):
+    """Images in [0, 1] quantised as SimVQ's evaluation does: (x * 255).to(uint8) truncates,
+    then back to [0, 1] in float32. (B, 3, H, W) -> same shape."""
+    return (x.float() * 255.0).to(torch.uint8).float() / 255.0
 
 
-def ssim(x, y, window=11, sigma=1.5):
-    """Per-image SSIM (B,) for images in [0, 1] (Wang et al., 2004), valid-region average."""
-    x, y = x.float(), y.float()
-    C = x.shape[1]
-    g = torch.exp(-(torch.arange(window, device=x.device) - window // 2).float() ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
-    kernel = (g[:, None] * g[None, :]).expand(C, 1, window, window)
-    blur = lambda t: F.conv2d(t, kernel, groups=C)  # noqa: E731
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+def psnr_of_batch(x, y):
+    """PSNR of a whole batch, as SimVQ's loop computes it: 10 log10(1 / MSE) with the MSE taken
+    over every pixel of the batch (float64 mean of float32 differences), images in [0, 1].
+    SimVQ reports the mean of this over its evaluation batches of 64 images."""
+    mse = (x.float() - y.float()).pow(2).double().mean()
+    return 10 * torch.log10(1.0 / mse)
+
+
+def ssim(x, y, window=7):
+    """Per-image SSIM (B,) for images in [0, 1], as skimage.metrics.structural_similarity with
+    its defaults (SimVQ's evaluation): a uniform 7x7 window, sample covariances (N / (N - 1)),
+    K1 = 0.01, K2 = 0.03, data range 1, the mean over the windows that fit inside the image,
+    averaged over channels. Computed in float64."""
+    x, y = x.double(), y.double()
+    box = lambda t: F.avg_pool2d(t, window, stride=1)  # noqa: E731  (valid windows only)
+    mx, my = box(x), box(y)
+    norm = window ** 2 / (window ** 2 - 1)  # sample covariance
+    vx, vy = norm * (box(x * x) - mx ** 2), norm * (box(y * y) - my ** 2)
+    cxy = norm * (box(x * y) - mx * my)
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
     return s.flatten(1).mean(1)

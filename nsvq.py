@@ -26,16 +26,18 @@ Notation (paper -> code -> shape):
     w_ij       -                          stop-gradient weight of code j for latent i
     beta       beta                       commitment weight
     alpha      alpha                      weight of the dense loss L_NS
-    tau        tau                        kernel temperature (squared-distance units)
+    tau        tau                        kernel temperature (absolute, or relative to the
+                                          batch's mean squared distance to the nearest code)
     lambda     lam                        clamp scale of the "clamped" weighting
+    u_k        upkeep.usage[k]            moving share of assignments of code k (uniform: 1/K)
 
 Contents:
-    1. Helpers: shapes, fp32 distances, the chunked nearest-code search
-    2. The dense non-stationary loss (shares the chunked search)
-    3. Baselines: VectorQuantizer (STE), EMAVectorQuantizer, SimVQ
-    4. NSVQ: the STE quantizer plus the dense loss and replacement
-    5. Codebook replacement helpers (Adam moments)
-    6. The stage schedule
+    1. Helpers: checks, shapes, the chunked fp32 nearest-code search
+    2. The dense non-stationary loss (part 1 of the method)
+    3. Usage and replacement (part 2): CodebookUpkeep, reset_adam_state_
+    4. Baselines: VectorQuantizer (STE), EMAVectorQuantizer, SimVQ
+    5. NSVQ: the STE quantizer plus the dense loss
+    6. The stage schedule (part 3)
     7. Diagnostics: utilization, perplexity, drift, churn, kernel mass
     8. The 2-D toy demo (python nsvq.py)
 
@@ -43,7 +45,8 @@ Only torch is imported at module level; the demo imports matplotlib when it runs
 """
 
 import math
-import warnings
+import numbers
+import os
 from typing import NamedTuple
 
 import torch
@@ -52,24 +55,57 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 WEIGHTINGS = ("softmax", "clamped")
+TAU_MODES = ("absolute", "relative")
 REPLACE_FROM = ("latents", "codes")
 
 
 # -----------------------------------------------------------------------------
-# 1. Helpers: shapes, fp32 distances, the chunked nearest-code search
+# 1. Helpers: checks, shapes, the chunked fp32 nearest-code search
 # -----------------------------------------------------------------------------
+
+def check_number(name, value, low=None, high=None, low_open=False, high_open=False):
+    """Raise ValueError unless `value` is a finite real number in the given interval."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+
+
+def check_count(name, value, low):
+    """Raise ValueError unless `value` is an integer >= low."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {choices}")
+
+
+def check_tau(tau):
+    """tau > 0, and small enough a tau that log2(e) / tau still fits in a float."""
+    check_number("tau", tau, low=0, low_open=True)
+    if not math.log2(math.e) / tau < 1e30:
+        raise ValueError(f"tau must be >= 1e-30 (the kernel's scores log2(e)/tau overflow), got {tau}")
+
 
 class QuantizerOutput(NamedTuple):
     """What every quantizer's forward returns.
 
-    z_q:     quantized latents, same shape and dtype as z_e; gradient reaches z_e straight through.
-    indices: int64 (B, *spatial), the winning code of each latent.
-    losses:  dict of already-weighted scalar terms with a fixed set of keys per class, so that
-             sum(out.losses.values()) is always the quantizer's whole loss.
+    z_q:         quantized latents, same shape and dtype as z_e; gradient reaches z_e straight
+                 through.
+    indices:     int64 (B, *spatial), the winning code of each latent.
+    losses:      dict of already-weighted scalar terms with a fixed set of keys per class, so
+                 that sum(out.losses.values()) is always the quantizer's whole loss.
+    diagnostics: dict of detached scalar tensors that are not losses (NSVQ: "kernel_mass",
+                 "tau"); empty for the baselines. Never summed into the loss.
     """
     z_q: torch.Tensor
     indices: torch.Tensor
     losses: dict
+    diagnostics: dict
 
 
 def flatten_latents(z_e, dim):
@@ -89,6 +125,8 @@ def flatten_latents(z_e, dim):
         raise ValueError(f"z_e has {z_e.shape[1]} channels (dim 1) but the codebook dim is {dim}; "
                          f"quantizers take channel-first latents (B, D, *spatial), "
                          f"got shape {tuple(z_e.shape)}")
+    if z_e.numel() == 0:
+        raise ValueError(f"z_e is an empty batch, shape {tuple(z_e.shape)}: nothing to quantize")
     z = z_e.movedim(1, -1).reshape(-1, dim)  # (N, D)
     return z.to(torch.promote_types(z.dtype, torch.float32))
 
@@ -97,6 +135,22 @@ def unflatten_latents(z, z_e):
     """Inverse of flatten_latents: rows (N, D) back to z_e's layout (B, D, *spatial)."""
     B, D, *spatial = z_e.shape
     return z.reshape(B, *spatial, D).movedim(-1, 1)  # (B, D, *spatial)
+
+
+def check_indices(indices, K, n=None):
+    """Indices must be an integer tensor (with n entries, if given) of values in [0, K).
+
+    The range is checked on the CPU only: on a GPU the check would wait for the device every
+    step (an out-of-range index there fails in the index_add_ that counts usage).
+    """
+    if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be an int32 or int64 tensor, got "
+                        f"{getattr(indices, 'dtype', type(indices).__name__)}")
+    if n is not None and indices.numel() != n:
+        raise ValueError(f"indices has {indices.numel()} entries but z_e holds {n} latents")
+    if not indices.is_cuda and indices.numel() and (indices.min() < 0 or indices.max() >= K):
+        raise ValueError(f"indices must lie in [0, {K}), got values in "
+                         f"[{int(indices.min())}, {int(indices.max())}]")
 
 
 def default_chunk_size(K, device):
@@ -144,10 +198,11 @@ def _search(z, codebook, tau=None, weighting="softmax", lam=0.01, indices=None, 
 
     accumulated with one GEMM per chunk, from which section 2 forms the loss. The softmax is
     never normalised in place: with m_i the row maximum (found by the search anyway) and
-    e_ij = 2^(scores_ij - m_i) (scores in log2 units, log2(e)/tau folded into the first GEMM),
-    p_ij = e_ij / s_i with s_i = sum_j e_ij, so 1/s_i scales the rows of [z, 1, ||z||^2]
-    (N*(D+2) numbers) instead of the (chunk, K) block. So on top of the search the dense
-    loss costs one exp2 pass, one sum and one GEMM per block.
+    e_ij = 2^(scores_ij - m_i) (scores in log2 units: log2(e)/tau is folded into the codebook
+    side of the first GEMM, so tau may be a float or a 0-d tensor), p_ij = e_ij / s_i with
+    s_i = sum_j e_ij, so 1/s_i scales the rows of [z, 1, ||z||^2] (N*(D+2) numbers) instead of
+    the (chunk, K) block. So on top of the search the dense loss costs one exp2 pass, one sum
+    and one GEMM per block.
     Memory is O(chunk*K + K*D) whatever N is; no (N, K) or (chunk, K, D) tensor is built.
     Shapes: z (N, D), codebook (K, D) -> indices (N,) int64, stats (K, D+2) or None.
     Why fp32: in bf16 the cancellation in ||z||^2 - 2 z.c + ||c||^2 decides near-ties wrongly,
@@ -161,8 +216,10 @@ def _search(z, codebook, tau=None, weighting="softmax", lam=0.01, indices=None, 
     dtype = torch.promote_types(z.dtype, torch.float32)
     with torch.autocast(z.device.type, enabled=False):
         z, codebook = z.to(dtype), codebook.to(dtype)
-        scale = 1.0 if tau is None else math.log2(math.e) / tau  # scores in log2 units
-        c_sq = codebook.pow(2).sum(1)  # (K,)
+        # scores_ij = s (2 z_i.c_j - ||c_j||^2), s = log2(e) / tau (s = 1 without tau); larger is nearer.
+        s = 1.0 if tau is None else math.log2(math.e) / tau
+        c_side = (2 * s) * codebook  # (K, D)
+        bias = -s * codebook.pow(2).sum(1)  # (K,)
         winners = torch.empty(N, dtype=torch.long, device=z.device) if indices is None else indices
         stats = None
         if tau is not None:
@@ -171,22 +228,23 @@ def _search(z, codebook, tau=None, weighting="softmax", lam=0.01, indices=None, 
             stats = z.new_zeros(D + 2, K)  # transposed: the GEMM below runs faster this way round
         for start in range(0, N, chunk):
             rows = slice(start, start + chunk)
-            # scores = (2 z.c - ||c||^2) * scale, scale = log2(e) / tau (1 without tau);
-            # larger is nearer. (n, K)
-            scores = torch.addmm(c_sq, z[rows], codebook.T, beta=-scale, alpha=2 * scale)
+            scores = torch.addmm(bias, z[rows], c_side.T)  # (n, K)
             row_max, nearest = _row_max(scores)  # (n,), (n,)
             if indices is None:
                 winners[rows] = nearest
             if tau is None:
                 continue
             q = winners[rows, None]  # (n, 1)
-            e = scores.sub_(row_max[:, None]).exp2_()  # e_ij = p_ij * s_i, in place; (n, K)
-            s = e.sum(1, keepdim=True)  # (n, 1)
+            # e_ij = p_ij * s_i, in place. Why the clamp: weights below 2^-100 of the row's largest
+            # do not matter, but exp2 would make subnormal numbers of them, and the CPU GEMM below
+            # runs ~20x slower on those (a one-hot kernel at N = 4096, K = 8192: 1.3 s vs 70 ms).
+            e = scores.sub_(row_max[:, None]).clamp_(min=-100.0).exp2_()  # (n, K)
+            s_row = e.sum(1, keepdim=True)  # (n, 1)
             if weighting == "clamped":  # w = min(1, lam*K*p) = (lam*K / s) * min(e, s / (lam*K))
-                e = torch.minimum(e, s / (lam * K), out=e)
-                row_scale = (lam * K) / s
+                e = torch.minimum(e, s_row / (lam * K), out=e)
+                row_scale = (lam * K) / s_row
             else:  # w = p = e / s
-                row_scale = 1.0 / s
+                row_scale = 1.0 / s_row
             e.scatter_(1, q, 0.0)  # the winner's own term is excluded
             stats.addmm_(z_aug[rows].mul(row_scale).T, e)  # (D+2, K)
     return winners, None if stats is None else stats.T
@@ -201,28 +259,41 @@ def nearest_code(z, codebook, chunk_size=None):
 
 
 # -----------------------------------------------------------------------------
-# 2. The dense non-stationary loss
+# 2. The dense non-stationary loss (part 1 of the method)
 # -----------------------------------------------------------------------------
 
 class DenseLoss(NamedTuple):
-    """Result of search_and_dense_loss: winners, the (unweighted) loss, the mean kernel mass."""
+    """Result of search_and_dense_loss: winners, the (unweighted) loss and two diagnostics."""
     indices: torch.Tensor  # (N,) int64
     loss: torch.Tensor     # scalar; gradient reaches the codebook only
     mass: torch.Tensor     # scalar, mean over latents of sum_{j != q_i} w_ij (no grad)
+    tau: torch.Tensor      # scalar, the temperature used, in squared-distance units (no grad)
+
+
+@torch.no_grad()
+def mean_quantization_error(z, codebook, indices):
+    """mean_i ||z_i - c_{q_i}||^2, computed from the differences (no cancellation). Scalar."""
+    return (z - codebook[indices].to(z.dtype)).pow(2).sum(1).mean()
 
 
 def search_and_dense_loss(z, codebook, tau, weighting="softmax", lam=0.01, indices=None,
-                          chunk_size=None):
+                          chunk_size=None, tau_mode="absolute"):
     """Nearest codes and the dense non-stationary loss L_NS in one chunked pass (paper, part 1).
 
         L_NS = 1/(N*D) * sum_i sum_{j != q_i} w_ij * ||sg(z_i) - c_j||^2
-        p_ij = softmax_j(-||z_i - c_j||^2 / tau)      over all K codes
+        p_ij = softmax_j(-||z_i - c_j||^2 / T)        over all K codes
+        T    = tau                                    tau_mode="absolute" (the paper, as best known)
+        T    = tau * mean_i ||z_i - c_{q_i}||^2       tau_mode="relative" (ours; scale-free)
         w_ij = sg(p_ij)                               weighting="softmax" (the paper, as best known)
         w_ij = sg(min(1, lam*K*p_ij))                 weighting="clamped" (the authors' earlier code)
 
     Every code is pulled towards the latents that are near it, in proportion to how near, so
     codes that are not winning anything still follow the encoder as it drifts. The winner's own
     term is left out: the ordinary codebook term already trains it.
+    Why a relative T: an absolute T is in squared-distance units, so the same number is a
+    uniform pull for small latents and a one-hot (inert) kernel for large ones; measured in
+    units of the batch's own quantization error it means the same at any latent scale. It
+    costs one more search pass (T must be known before the kernel's exponentials).
     With w and z constant the sum expands to
         sum_k W_k ||c_k||^2 - 2 sum_k c_k . S_k + sum_k C_k
     so only the (K, D+2) statistics from _search are needed, and the gradient
@@ -230,33 +301,221 @@ def search_and_dense_loss(z, codebook, tau, weighting="softmax", lam=0.01, indic
     If indices is given those are the winners excluded; otherwise the nearest codes are.
     Shapes: z (N, D), codebook (K, D), indices (N,) or None.
     """
-    if tau <= 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
+    check_tau(tau)
+    check_choice("weighting", weighting, WEIGHTINGS)
+    check_choice("tau_mode", tau_mode, TAU_MODES)
     N, D = z.shape
-    indices, stats = _search(z.detach(), codebook.detach(), tau, weighting, lam, indices, chunk_size)
+    z_sg, c_sg = z.detach(), codebook.detach()
+    if tau_mode == "relative":
+        if indices is None:
+            indices = nearest_code(z_sg, c_sg, chunk_size)
+        tau = tau * mean_quantization_error(z_sg, c_sg, indices).clamp(min=1e-12)
+    indices, stats = _search(z_sg, c_sg, tau, weighting, lam, indices, chunk_size)
     c = codebook.to(stats.dtype)
     S, W, C = stats[:, :D], stats[:, D], stats[:, D + 1]  # (K, D), (K,), (K,)
     loss = ((W * c.pow(2).sum(1)).sum() - 2 * (S * c).sum() + C.sum()) / (N * D)
-    return DenseLoss(indices, loss, W.sum() / N)
+    return DenseLoss(indices, loss, W.sum() / N, torch.as_tensor(tau, dtype=stats.dtype))
 
 
-def non_stationary_loss(z, codebook, indices, tau, weighting="softmax", lam=0.01):
+def non_stationary_loss(z, codebook, indices, tau, weighting="softmax", lam=0.01, tau_mode="absolute"):
     """L_NS for given winners, as a readable entry point (same routine as NSVQ's forward).
 
     Shapes: z (N, D), codebook (K, D), indices (N,) -> scalar. See search_and_dense_loss.
     """
-    return search_and_dense_loss(z, codebook, tau, weighting, lam, indices=indices).loss
+    return search_and_dense_loss(z, codebook, tau, weighting, lam, indices, tau_mode=tau_mode).loss
 
 
 # -----------------------------------------------------------------------------
-# 3. Baselines: VectorQuantizer (STE), EMAVectorQuantizer, SimVQ
+# 3. Usage and replacement (part 2 of the method)
 # -----------------------------------------------------------------------------
 
 def _distributed():
     return dist.is_available() and dist.is_initialized()
 
+
+def _rank():
+    return dist.get_rank() if _distributed() else 0
+
+
+class CodebookUpkeep(nn.Module):
+    """Usage tracking and dead-code replacement (paper, part 2); every quantizer owns one.
+
+        u_k  <- u_k + w (n_k / n - u_k),   w = min(1, n / (K * usage_horizon))
+        dead  = {k : u_k < threshold / K}
+
+    n_k: latents assigned to code k in this call, summed over all ranks; n = sum_k n_k.
+    Why w = n / (K * H): it makes u a moving average over the last ~K*H assignments, i.e. over
+    H *expected assignments per code*, so "dead" means the same at any batch size, world size
+    and K. (An EMA per call would not: the same decay spans ~61 assignments per code on MNIST
+    and ~5 at the paper's scale, where live but rarely chosen codes were then re-seeded.) An
+    unused code falls from the uniform share 1/K below threshold / K after ln(1/threshold) * H
+    expected assignments per code: 295 with the defaults, 48 steps on MNIST (6 latents per code
+    per step), 590 steps at the paper's scale (0.5).
+    With replace_from="latents" a code that has never been seeded from data (the initial
+    codebook) is replaced whatever its usage, so the first calls initialise the whole codebook
+    from encoder outputs. A re-seeded code restarts at u = 1/K and has to lose that share to
+    die again.
+
+    New codes come from a pool of recent encoder outputs (replace_from="latents", the authors'
+    earlier code), or from live codes chosen in proportion to usage plus Gaussian noise of
+    noise * RMS(codebook) (replace_from="codes", the paper's description). No vector is ever
+    written into two codes: the pool hands out each latent once, and a candidate that equals
+    an existing code or an earlier candidate (flat image regions encode to identical latents)
+    is retired. When there are fewer usable candidates than dead codes, as many codes as there
+    are candidates are re-seeded and the rest stay dead until the next call.
+
+    Arguments:
+        codebook_size, dim  K and D.
+        replace_from        "latents" | "codes", as above.
+        noise               replace_from="codes": noise std relative to the codebook's RMS.
+        usage_horizon       H, in expected assignments per code (64: MNIST's measured setting).
+        buffer_size         pool capacity in latents (None: K, so a whole codebook can be
+                            seeded from distinct latents; 0: no pool). Each call adds about
+                            capacity / 4 latents, drawn evenly from all ranks (all_gather), so
+                            the pool is the same on every rank and turns over every ~4 calls.
+    Under DDP every rank must call with the same number of latents (DDP's equal batches).
+    """
+
+    def __init__(self, codebook_size, dim, replace_from="latents", noise=0.01, usage_horizon=64.0,
+                 buffer_size=None):
+        super().__init__()
+        check_choice("replace_from", replace_from, REPLACE_FROM)
+        check_number("noise", noise, low=0)
+        check_number("usage_horizon", usage_horizon, low=0, low_open=True)
+        capacity = codebook_size if buffer_size is None else buffer_size
+        check_count("buffer_size", capacity, 0)
+        self.replace_from, self.noise, self.usage_horizon = replace_from, noise, float(usage_horizon)
+        self.register_buffer("usage", torch.zeros(codebook_size))  # (K,), sums to 1 once warm
+        # Seeded from data yet? With replace_from="codes" there is no data to seed from, so the
+        # initial codes count as seeded and only usage decides.
+        self.register_buffer("seeded", torch.full((codebook_size,), replace_from == "codes"))
+        self.register_buffer("latent_pool", torch.zeros(capacity, dim))  # (capacity, D)
+        self.register_buffer("pool_fresh", torch.zeros(capacity, dtype=torch.bool))  # not yet used
+        self.register_buffer("pool_written", torch.zeros((), dtype=torch.long))  # latents ever added
+
+    @torch.no_grad()
+    def observe_(self, z, indices):
+        """Count this call's assignments into usage and add some latents to the pool.
+
+        Latents with a non-finite value (a skipped training step) are ignored: they are not
+        counted and never enter the pool. Shapes: z (N, D), indices (N,) -> counts (K,).
+        """
+        K = self.usage.numel()
+        ok = torch.isfinite(z).all(1)  # (N,)
+        counts = torch.zeros_like(self.usage).index_add_(0, indices.reshape(-1), ok.to(self.usage.dtype))
+        if _distributed():
+            dist.all_reduce(counts)
+        n = counts.sum()
+        weight = (n / (K * self.usage_horizon)).clamp(max=1.0)
+        self.usage.lerp_(counts / n.clamp(min=1), weight)
+        capacity = len(self.latent_pool)
+        if capacity and self.replace_from == "latents":
+            world = dist.get_world_size() if _distributed() else 1
+            take = min(len(z), -(-capacity // (4 * world)))  # this rank's share of the refill
+            mine = z[torch.randperm(len(z), device=z.device)[:take]].to(self.latent_pool.dtype)
+            if world > 1:
+                parts = [torch.empty_like(mine) for _ in range(world)]
+                dist.all_gather(parts, mine.contiguous())
+                mine = torch.cat(parts)  # (world*take, D), the same on every rank
+            rows = mine[-capacity:]
+            slots = (self.pool_written + torch.arange(len(rows), device=rows.device)) % capacity
+            self.latent_pool[slots] = rows
+            self.pool_fresh[slots] = torch.isfinite(rows).all(1)
+            self.pool_written += len(rows)
+        return counts
+
+    def dead(self, threshold=0.01):
+        """Boolean mask (K,) of the codes whose usage is below threshold / K."""
+        return self.usage < threshold / self.usage.numel()
+
+    @torch.no_grad()
+    def reseed_(self, codebook, threshold=0.01):
+        """Choose new vectors for the dead and the never-seeded codes: returns (codes, new),
+        (n,) and (n, D).
+
+        Rank 0 chooses and broadcasts, so every rank writes the same vectors (usage and the
+        pool are already the same everywhere). Usage of the re-seeded codes restarts at 1/K.
+        The number of dead codes is read on the host: each call waits for the device once.
+        """
+        check_number("threshold", threshold, low=0, high=1)
+        K, D = codebook.shape
+        dead = torch.nonzero(self.dead(threshold) | ~self.seeded).squeeze(1)  # (n_dead,)
+        if dead.numel() == 0:
+            return dead, codebook.new_empty(0, D)
+        if self.replace_from == "latents" and int(self.pool_written) == 0:
+            raise RuntimeError("no latents seen yet: call update_(z_e, indices) before "
+                               "replace_dead_codes_() when replace_from='latents'")
+        if self.replace_from == "codes" and not bool((self.usage > 0).any()):
+            raise RuntimeError("no live code to copy yet: call update_(z_e, indices) before "
+                               "replace_dead_codes_() when replace_from='codes'")
+        if self.replace_from == "latents":
+            slots = torch.full_like(dead, -1)
+            if _rank() == 0:
+                slots = self._pick_pool_slots(dead.numel(), codebook)
+            if _distributed():
+                fresh = self.pool_fresh.to(torch.uint8)
+                dist.broadcast(slots, src=0)
+                dist.broadcast(fresh, src=0)
+                self.pool_fresh.copy_(fresh.bool())
+            filled = slots >= 0
+            dead, new = dead[filled], self.latent_pool[slots[filled]].to(codebook.dtype)
+        else:
+            new = codebook.new_empty(dead.numel(), D)
+            if _rank() == 0:
+                new.copy_(self._noisy_live_codes(dead, codebook))
+            if _distributed():
+                dist.broadcast(new, src=0)
+        self.usage[dead] = 1.0 / K
+        self.seeded[dead] = True
+        return dead, new
+
+    def _pick_pool_slots(self, n, codebook):
+        """Up to n pool slots holding distinct latents that equal no code; -1 pads. (n,)"""
+        fresh = torch.nonzero(self.pool_fresh).squeeze(1)
+        # Four candidates per dead code, in random order, so that copies rarely leave one unfilled.
+        slots = fresh[torch.randperm(len(fresh), device=fresh.device)[: 4 * n]]  # (m,)
+        picked = torch.full((n,), -1, dtype=torch.long, device=codebook.device)
+        if len(slots) == 0:
+            return picked
+        rows = self.latent_pool[slots]  # (m, D)
+        order = torch.arange(len(rows), device=rows.device)
+        _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        first = torch.full_like(order, len(rows)).scatter_reduce_(0, inverse, order, "amin")
+        is_first = first[inverse] == order  # not a copy of an earlier candidate
+        is_code = (codebook[nearest_code(rows, codebook)].to(rows.dtype) == rows).all(1)
+        usable = slots[is_first & ~is_code][:n]
+        self.pool_fresh[slots[~is_first | is_code]] = False  # copies are of no use, ever
+        self.pool_fresh[usable] = False  # each latent is handed out once
+        picked[: len(usable)] = usable
+        return picked
+
+    def _noisy_live_codes(self, dead, codebook):
+        """Live codes drawn in proportion to usage, plus noise * RMS(codebook) noise. (n, D)"""
+        weights = self.usage.clone()
+        weights[dead] = 0.0
+        if not bool(weights.sum() > 0):  # every code is dead: copy the least dead ones
+            weights = self.usage
+        source = torch.multinomial(weights, dead.numel(), replacement=True)  # (n,)
+        rms = codebook.pow(2).mean().sqrt()
+        return codebook[source] + self.noise * rms * torch.randn_like(codebook[source])
+
+
+@torch.no_grad()
+def reset_adam_state_(optimizer, param, indices):
+    """Zero Adam's moments for the given rows of param (e.g. codes just replaced).
+
+    Why: a re-seeded code should not inherit the momentum of the dead code it replaces.
+    Works for Adam and AdamW (exp_avg, exp_avg_sq, max_exp_avg_sq when amsgrad).
+    """
+    state = optimizer.state.get(param, {})
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        if key in state:
+            state[key][indices] = 0.0
+
+
+# -----------------------------------------------------------------------------
+# 4. Baselines: VectorQuantizer (STE), EMAVectorQuantizer, SimVQ
+# -----------------------------------------------------------------------------
 
 class VectorQuantizer(nn.Module):
     """VQ-VAE quantizer (van den Oord et al., 2017) with a codebook trained by gradient.
@@ -267,36 +526,33 @@ class VectorQuantizer(nn.Module):
 
     beta sits on the commitment term, as in the paper's eq. 3; several popular codebases put it
     on the codebook term instead, which slows the codebook down rather than the encoder.
-    Upkeep (after optimizer.step()): update_ tracks usage and recent latents;
-    replace_dead_codes_ re-seeds codes whose usage fell below threshold / K.
+    Upkeep (after optimizer.step()): update_ counts usage and fills the latent pool;
+    replace_dead_codes_ re-seeds codes whose usage fell below threshold / K (CodebookUpkeep).
+
+    Arguments:
+        codebook_size, dim  K and D.
+        beta                commitment weight (VQ-VAE's 0.25).
+        replace_from, noise, usage_horizon, buffer_size
+                            passed to CodebookUpkeep (section 3).
+        chunk_size          rows per search chunk (None: default_chunk_size).
     Shapes: z_e (B, D, *spatial) -> z_q (B, D, *spatial), indices (B, *spatial).
     """
 
     codebook_by_gradient = True  # EMAVectorQuantizer moves its codes in update_ instead
 
     def __init__(self, codebook_size, dim, beta=0.25, replace_from="latents", noise=0.01,
-                 usage_decay=0.9, buffer_size=4096, chunk_size=None):
+                 usage_horizon=64.0, buffer_size=None, chunk_size=None):
         super().__init__()
-        if codebook_size < 1 or dim < 1:
-            raise ValueError(f"codebook_size and dim must be >= 1, got {codebook_size} and {dim}")
-        if replace_from not in REPLACE_FROM:
-            raise ValueError(f"unknown replace_from {replace_from!r}; expected one of {REPLACE_FROM}")
-        if not 0.0 <= usage_decay < 1.0:
-            raise ValueError(f"usage_decay must be in [0, 1), got {usage_decay}")
-        self.codebook_size, self.dim, self.beta = codebook_size, dim, beta
-        self.replace_from, self.noise, self.usage_decay = replace_from, noise, usage_decay
-        self.chunk_size = chunk_size
+        check_count("codebook_size", codebook_size, 1)
+        check_count("dim", dim, 1)
+        check_number("beta", beta, low=0)
+        if chunk_size is not None:
+            check_count("chunk_size", chunk_size, 1)
+        self.codebook_size, self.dim, self.beta, self.chunk_size = codebook_size, dim, beta, chunk_size
         # VQ-VAE's initialisation; with replacement the first call re-seeds every code from data.
         K = codebook_size
         self.embedding = nn.Parameter(torch.empty(K, dim).uniform_(-1.0 / K, 1.0 / K))
-        # usage[k]: moving average of code k's share of assignments (sums to 1; uniform = 1/K).
-        # usage_decay 0.9: an unused code falls below 1% of the uniform rate in ~44 calls. With
-        # 0.99 (~460 calls) MNIST kept 13% of its codes dead in a short run (README).
-        self.register_buffer("usage", torch.zeros(K))
-        self.register_buffer("usage_calls", torch.zeros((), dtype=torch.long))
-        # A ring of recent encoder outputs, the source of new codes for replace_from="latents".
-        self.register_buffer("latent_buffer", torch.zeros(buffer_size, dim))
-        self.register_buffer("latents_seen", torch.zeros((), dtype=torch.long))
+        self.upkeep = CodebookUpkeep(K, dim, replace_from, noise, usage_horizon, buffer_size)
 
     @property
     def codebook(self):
@@ -304,13 +560,13 @@ class VectorQuantizer(nn.Module):
         return self.embedding
 
     def assign(self, z, codebook):
-        """Winning codes (N,) and any extra loss terms; NSVQ overrides this one step."""
-        return nearest_code(z, codebook, self.chunk_size), {}
+        """Winning codes (N,), extra loss terms and diagnostics; NSVQ overrides this one step."""
+        return nearest_code(z, codebook, self.chunk_size), {}, {}
 
     def forward(self, z_e):
         z = flatten_latents(z_e, self.dim)                   # (N, D)
         codebook = self.codebook                             # (K, D)
-        indices, extra = self.assign(z.detach(), codebook)   # (N,)
+        indices, extra, diagnostics = self.assign(z.detach(), codebook)  # (N,)
         z_q = F.embedding(indices, codebook).to(z.dtype)     # (N, D)
         losses = {}
         if self.codebook_by_gradient:
@@ -320,94 +576,36 @@ class VectorQuantizer(nn.Module):
         # Straight-through: the value is exactly z_q (z - sg(z) is exactly 0), the gradient goes to z_e.
         z_q = z_q.detach() + (z - z.detach())
         z_q = unflatten_latents(z_q, z_e).to(z_e.dtype)
-        return QuantizerOutput(z_q, indices.view(z_e.shape[0], *z_e.shape[2:]), losses)
+        return QuantizerOutput(z_q, indices.view(z_e.shape[0], *z_e.shape[2:]), losses, diagnostics)
 
     @torch.no_grad()
     def decode(self, indices):
         """Codes for given indices: (B, *spatial) int -> (B, D, *spatial)."""
-        if indices.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
-        if indices.numel() and (indices.min() < 0 or indices.max() >= self.codebook_size):
-            raise ValueError(f"indices must lie in [0, {self.codebook_size}), got values in "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
+        check_indices(indices, self.codebook_size)
         return F.embedding(indices.long(), self.codebook).movedim(-1, 1)
 
     @torch.no_grad()
     def update_(self, z_e, indices):
-        """Upkeep after optimizer.step(): track usage and remember recent latents.
+        """Upkeep after optimizer.step(): usage and the latent pool (CodebookUpkeep.observe_).
 
-        usage <- usage + w * (share - usage), share = this call's (all ranks') counts / total,
-        w = max(1 - usage_decay, 1 / calls): a running mean for the first calls, then an EMA,
-        so usage is a proper share from the first call on and never depends on batch size,
-        world size or call cadence. Returns the all-reduced counts (K,).
+        Call it with the z_e and indices of the forward just trained on. Returns the
+        all-ranks assignment counts (K,).
         """
-        if z_e.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-            warnings.warn("TF32 matmuls are on: nearest-code distances lose precision; set "
-                          "torch.backends.cuda.matmul.allow_tf32 = False", stacklevel=2)
-        K = self.codebook_size
-        counts = torch.bincount(indices.reshape(-1), minlength=K).to(self.usage.dtype)  # (K,)
-        if _distributed():
-            dist.all_reduce(counts)
-        share = counts / counts.sum().clamp(min=1)
-        weight = (1.0 / (self.usage_calls + 1)).clamp(min=1.0 - self.usage_decay)
-        self.usage.lerp_(share, weight.to(self.usage.dtype))
-        self.usage_calls += 1
-        capacity = self.latent_buffer.shape[0]
-        if capacity and self.replace_from == "latents":
-            z = flatten_latents(z_e.detach(), self.dim).to(self.latent_buffer.dtype)  # (N, D)
-            n = min(len(z), capacity)
-            recent = z[torch.randperm(len(z), device=z.device)[:n]]  # (n, D)
-            slots = (self.latents_seen + torch.arange(n, device=z.device)) % capacity
-            self.latent_buffer[slots] = recent
-            self.latents_seen += n
-        return counts
+        z = flatten_latents(z_e.detach(), self.dim)  # (N, D)
+        check_indices(indices, self.codebook_size, len(z))
+        return self.upkeep.observe_(z, indices.reshape(-1).long())
 
     @torch.no_grad()
     def replace_dead_codes_(self, threshold=0.01):
         """Re-seed codes whose usage is below threshold / K (paper, part 2); return their indices.
 
-        New codes come from recent encoder outputs (replace_from="latents", the authors'
-        earlier code) or from live codes drawn in proportion to usage plus Gaussian noise of
-        noise * RMS(codebook) (replace_from="codes", the paper's description). Replaced codes
-        restart at usage 1/K; live codes are not touched. Codes never used have usage 0, so the
-        first call initialises the codebook from data. Under DDP rank 0 draws and broadcasts,
-        so every rank writes identical codes (usage is already identical: update_ all-reduces).
-        Cadence: call it every few steps in stage 1 (our default is every step, with
-        threshold 0.01); once an epoch is too slow when the encoder drifts (see README).
+        Live codes are not touched. Call it after update_, every few steps in stage 1 (once an
+        epoch is too slow when the encoder drifts; EXPERIMENTS.md). Reset the re-seeded rows'
+        optimizer state with reset_adam_state_.
         """
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-        K = self.codebook_size
-        dead = torch.nonzero(self.usage < threshold / K).squeeze(1)  # (n_dead,)
-        if dead.numel() == 0:
-            return dead
-        new = torch.empty(dead.numel(), self.dim, device=dead.device, dtype=self.codebook.dtype)
-        if not _distributed() or dist.get_rank() == 0:
-            new.copy_(self._draw_codes(dead))
-        if _distributed():
-            dist.broadcast(new, src=0)
+        dead, new = self.upkeep.reseed_(self.codebook.detach(), threshold)
         self._write_codes_(dead, new)
-        self.usage[dead] = 1.0 / K
         return dead
-
-    def _draw_codes(self, dead):
-        n = dead.numel()
-        if self.replace_from == "latents":
-            pool = self.latent_buffer[: int(self.latents_seen.clamp(max=len(self.latent_buffer)))]
-            if len(pool) == 0:
-                raise RuntimeError("no latents seen yet: call update_(z_e, indices) before "
-                                   "replace_dead_codes_() when replace_from='latents'")
-            if n <= len(pool):
-                pick = torch.randperm(len(pool), device=pool.device)[:n]
-            else:
-                pick = torch.randint(len(pool), (n,), device=pool.device)
-            return pool[pick]
-        codebook = self.codebook.detach()
-        live_usage = self.usage.clone()
-        live_usage[dead] = 0.0
-        source = torch.multinomial(live_usage, n, replacement=True)  # (n,) live codes
-        rms = codebook.pow(2).mean().sqrt()
-        return codebook[source] + self.noise * rms * torch.randn_like(codebook[source])
 
     def _write_codes_(self, dead, new):
         self.embedding[dead] = new
@@ -423,6 +621,8 @@ class EMAVectorQuantizer(VectorQuantizer):
     Laplace smoothing (eps) keeps an unused code from dividing by ~0. No codebook gradient and
     no "codebook" loss key; the commitment term is as in VectorQuantizer. Statistics start as
     one assignment per code at its initial value, so unused codes stay put instead of blowing up.
+    Arguments: those of VectorQuantizer, plus decay in [0, 1) (0.99: VQ-VAE-2; the most used
+    VQ library defaults to 0.8) and eps > 0.
     Shapes: as VectorQuantizer.
     """
 
@@ -430,6 +630,8 @@ class EMAVectorQuantizer(VectorQuantizer):
 
     def __init__(self, codebook_size, dim, beta=0.25, decay=0.99, eps=1e-5, **kwargs):
         super().__init__(codebook_size, dim, beta, **kwargs)
+        check_number("decay", decay, low=0, high=1, high_open=True)
+        check_number("eps", eps, low=0, low_open=True)
         self.decay, self.eps = decay, eps
         del self.embedding
         self.register_buffer("embedding", torch.randn(codebook_size, dim))
@@ -438,14 +640,17 @@ class EMAVectorQuantizer(VectorQuantizer):
 
     @torch.no_grad()
     def update_(self, z_e, indices):
-        """The EMA step (plus usage tracking); statistics are summed over all ranks."""
-        counts = super().update_(z_e, indices)  # (K,), all ranks
+        """The EMA step (plus usage); statistics are summed over all ranks. A call whose
+        latents are all non-finite (a skipped step) leaves the codebook as it was."""
+        counts = super().update_(z_e, indices)  # (K,), all ranks, finite latents only
         z = flatten_latents(z_e.detach(), self.dim).to(self.embed_sum.dtype)  # (N, D)
-        sums = torch.zeros_like(self.embed_sum).index_add_(0, indices.reshape(-1), z)  # (K, D)
+        z = torch.where(torch.isfinite(z).all(1, keepdim=True), z, 0.0)
+        sums = torch.zeros_like(self.embed_sum).index_add_(0, indices.reshape(-1).long(), z)  # (K, D)
         if _distributed():
             dist.all_reduce(sums)
-        self.cluster_size.lerp_(counts, 1.0 - self.decay)
-        self.embed_sum.lerp_(sums, 1.0 - self.decay)
+        step = (counts.sum() > 0).to(counts.dtype) * (1.0 - self.decay)  # 0: nothing seen, no change
+        self.cluster_size.lerp_(counts, step)
+        self.embed_sum.lerp_(sums, step)
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n
         self.embedding.copy_(self.embed_sum / smoothed[:, None])
@@ -463,15 +668,16 @@ class SimVQ(VectorQuantizer):
         codebook = basis @ W^T + b,   basis ~ N(0, 1/D) frozen,  W, b learnable (nn.Linear)
 
     Every code moves whenever W moves, so no code can be left behind; the losses are those of
-    VectorQuantizer and reach W, b. The codebook is recomputed in every forward and decode
-    applies the linear map too (the official code's decode forgets to).
+    VectorQuantizer and reach W, b. The codebook is recomputed in every forward, in fp32 even
+    under autocast (as NSVQ's codebook is), and decode applies the linear map too (the official
+    code's decode forgets to).
     No replace_dead_codes_: a code is a fixed basis row seen through the shared map, so there
     is no per-code parameter to re-seed (and changing the basis would move the map's meaning).
     Shapes: as VectorQuantizer.
     """
 
     def __init__(self, codebook_size, dim, beta=0.25, **kwargs):
-        kwargs.setdefault("buffer_size", 0)  # no replacement, so no latent buffer
+        kwargs.setdefault("buffer_size", 0)  # no replacement, so no latent pool
         super().__init__(codebook_size, dim, beta, **kwargs)
         del self.embedding
         self.register_buffer("basis", torch.randn(codebook_size, dim) * dim ** -0.5)
@@ -479,7 +685,8 @@ class SimVQ(VectorQuantizer):
 
     @property
     def codebook(self):
-        return self.proj(self.basis)  # (K, D)
+        with torch.autocast(self.basis.device.type, enabled=False):
+            return F.linear(self.basis, self.proj.weight, self.proj.bias)  # (K, D), fp32
 
     def replace_dead_codes_(self, threshold=0.01):
         raise NotImplementedError("SimVQ has no per-code parameters to re-seed: its codes are a "
@@ -487,7 +694,7 @@ class SimVQ(VectorQuantizer):
 
 
 # -----------------------------------------------------------------------------
-# 4. NSVQ: the STE quantizer plus the dense loss and replacement
+# 5. NSVQ: the STE quantizer plus the dense loss
 # -----------------------------------------------------------------------------
 
 class NSVQ(VectorQuantizer):
@@ -496,60 +703,45 @@ class NSVQ(VectorQuantizer):
 
         losses = {"codebook": ||sg(z_e) - z_q||^2, "commit": beta ||z_e - sg(z_q)||^2,
                   "ns": alpha * L_NS}                          L_NS: search_and_dense_loss
+        diagnostics = {"kernel_mass": mean_i sum_{j != q_i} w_ij, "tau": T used}
 
     The dense term is on while self.dense and self.training (the loop sets vq.dense from the
-    schedule); otherwise "ns" is a zero tensor. Its weights are computed in the same chunked
-    pass that finds the winners, so it costs one exp2 pass and one more GEMM per chunk
-    (about as much again as the search itself; README, "Speed and memory").
-    Which defaults are the paper's and which we measured: see the README.
-    Warning (measured, README "Encoder drift"): under Adam a code moves by about its learning
-    rate per step whatever its gradient, so the dense loss cannot make a slow codebook keep up
-    with a fast encoder. Replacement then re-seeds the codes left behind, many in one step, and
-    the decoder's input jumps in scale: on MNIST an unnormalised decoder died of that jump
-    (output = mean image); a GroupNorm on its first layer made it indifferent.
+    schedule); otherwise "ns" is a zero tensor and diagnostics is empty. Its weights are
+    computed in the same chunked pass that finds the winners, so it costs one exp2 pass and one
+    more GEMM per chunk (tau_mode="relative": and one more search pass).
+    The kernel mass tells whether the dense loss does anything: near 0 the kernel is one-hot
+    (tau too small for the latent scale), near 1 the winner gets almost no share.
+    Arguments: those of VectorQuantizer, plus alpha >= 0 (dense-loss weight), tau > 0,
+    tau_mode ("absolute": tau in squared-distance units; "relative": in units of the batch's
+    mean squared distance to the nearest code), weighting ("softmax" | "clamped"), lam > 0.
+    Warning (measured, EXPERIMENTS.md "Encoder drift"): under Adam a code moves by about its
+    learning rate per step whatever its gradient, so the dense loss cannot make a slow
+    codebook keep up with a fast encoder; replacement then re-seeds the codes left behind.
     Shapes: as VectorQuantizer.
     """
 
     def __init__(self, codebook_size, dim, beta=0.25, alpha=0.1, tau=0.35, weighting="softmax",
-                 lam=0.01, **kwargs):
+                 lam=0.01, tau_mode="absolute", **kwargs):
         super().__init__(codebook_size, dim, beta, **kwargs)
-        if tau <= 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
-        if alpha < 0 or lam <= 0:
-            raise ValueError(f"alpha must be >= 0 and lam > 0, got alpha={alpha}, lam={lam}")
-        self.alpha, self.tau, self.weighting, self.lam = alpha, tau, weighting, lam
+        check_number("alpha", alpha, low=0)
+        check_tau(tau)
+        check_choice("weighting", weighting, WEIGHTINGS)
+        check_choice("tau_mode", tau_mode, TAU_MODES)
+        check_number("lam", lam, low=0, low_open=True)
+        self.alpha, self.tau, self.weighting, self.lam, self.tau_mode = alpha, tau, weighting, lam, tau_mode
         self.dense = True
 
     def assign(self, z, codebook):
         if self.dense and self.training:  # NSVQ: winners and L_NS in one pass
-            indices, ns, _ = search_and_dense_loss(z, codebook, self.tau, self.weighting,
-                                                   self.lam, chunk_size=self.chunk_size)
-        else:
-            indices, ns = nearest_code(z, codebook, self.chunk_size), codebook.new_zeros(())
-        return indices, {"ns": self.alpha * ns}
+            dense = search_and_dense_loss(z, codebook, self.tau, self.weighting, self.lam,
+                                          chunk_size=self.chunk_size, tau_mode=self.tau_mode)
+            return dense.indices, {"ns": self.alpha * dense.loss}, {"kernel_mass": dense.mass,
+                                                                    "tau": dense.tau}
+        return nearest_code(z, codebook, self.chunk_size), {"ns": codebook.new_zeros(())}, {}
 
 
 # -----------------------------------------------------------------------------
-# 5. Codebook replacement helpers
-# -----------------------------------------------------------------------------
-
-@torch.no_grad()
-def reset_adam_state_(optimizer, param, indices):
-    """Zero Adam's moments for the given rows of param (e.g. codes just replaced).
-
-    Why: a re-seeded code should not inherit the momentum of the dead code it replaces.
-    Works for Adam and AdamW (exp_avg, exp_avg_sq, max_exp_avg_sq when amsgrad).
-    """
-    state = optimizer.state.get(param, {})
-    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-        if key in state:
-            state[key][indices] = 0.0
-
-
-# -----------------------------------------------------------------------------
-# 6. The stage schedule
+# 6. The stage schedule (part 3 of the method)
 # -----------------------------------------------------------------------------
 
 STAGES = ("stage1", "warmup", "stage2")
@@ -558,7 +750,7 @@ STAGES = ("stage1", "warmup", "stage2")
 class StageSchedule:
     """NSVQ's stage-wise training (paper, part 3) as a small, passive, resumable state machine.
 
-        stage1: everything trains; dense loss and replacement on (GAN weight 1, if used).
+        stage1: everything trains; dense loss and replacement on; adversarial loss at weight 1.
         warmup: encoder frozen; codebook term + reconstruction only: no GAN, no dense loss,
                 no replacement, no commitment (the encoder no longer moves).
         stage2: as warmup, plus the adversarial loss ramped linearly 0 -> 1 over
@@ -566,17 +758,18 @@ class StageSchedule:
 
     Stage 1 ends at the end of an epoch when the epoch-mean commitment loss has made no new
     best for `patience` consecutive epochs, or when epoch + 1 >= freeze_epoch, whichever
-    comes first. From the paper: the plateau trigger, patience 10, no GAN/dense/replacement in
-    warm-up, the 2-epoch ramp. Ours: freeze_epoch (so short runs reach stage 2) and the warm-up
-    length (the paper does not give it). The loop calls end_epoch once per epoch, with the
-    loss all-reduced across ranks, so every rank changes stage on the same epoch.
+    comes first (patience=None: the plateau never triggers; both None: one stage only, as the
+    baselines train). From the paper: the plateau trigger, patience 10, no GAN/dense/replacement
+    in warm-up, the 2-epoch ramp. Ours: freeze_epoch (so short runs reach stage 2) and the
+    warm-up length (the paper does not give it). The loop calls end_epoch once per epoch, with
+    the loss all-reduced across ranks, so every rank changes stage on the same epoch.
     """
 
     def __init__(self, patience=10, freeze_epoch=None, warmup_epochs=1, gan_ramp_epochs=2):
-        if patience < 1 or warmup_epochs < 0 or gan_ramp_epochs < 0:
-            raise ValueError("need patience >= 1, warmup_epochs >= 0, gan_ramp_epochs >= 0")
-        if freeze_epoch is not None and freeze_epoch < 1:
-            raise ValueError(f"freeze_epoch must be >= 1 or None, got {freeze_epoch}")
+        for name, value, low in (("patience", patience, 1), ("freeze_epoch", freeze_epoch, 1),
+                                 ("warmup_epochs", warmup_epochs, 0), ("gan_ramp_epochs", gan_ramp_epochs, 0)):
+            if value is not None or name in ("warmup_epochs", "gan_ramp_epochs"):
+                check_count(name, value, low)
         self.patience, self.freeze_epoch = patience, freeze_epoch
         self.warmup_epochs, self.gan_ramp_epochs = warmup_epochs, gan_ramp_epochs
         self.stage = "stage1"
@@ -595,7 +788,7 @@ class StageSchedule:
                 self.best, self.epochs_since_best = commit_loss, 0
             else:
                 self.epochs_since_best += 1
-            plateau = self.epochs_since_best >= self.patience
+            plateau = self.patience is not None and self.epochs_since_best >= self.patience
             if plateau or (self.freeze_epoch is not None and epoch + 1 >= self.freeze_epoch):
                 self._enter("warmup", epoch + 1)
         elif self.stage == "warmup" and epoch + 1 - self.stage_start["warmup"] >= self.warmup_epochs:
@@ -630,7 +823,10 @@ class StageSchedule:
                 "stage_start": dict(self.stage_start)}
 
     def load_state_dict(self, state):
-        if state["stage"] not in STAGES:
+        missing = {"stage", "best", "epochs_since_best", "stage_start"} - set(state)
+        if missing:
+            raise ValueError(f"schedule state is missing {sorted(missing)}: not a StageSchedule state_dict")
+        if state["stage"] not in STAGES or state["stage"] not in state["stage_start"]:
             raise ValueError(f"unknown stage {state['stage']!r} in schedule state")
         self.stage, self.best = state["stage"], float(state["best"])
         self.epochs_since_best = int(state["epochs_since_best"])
@@ -674,14 +870,21 @@ def assignment_churn(indices_before, indices_after):
 
 
 @torch.no_grad()
-def kernel_mass(z, codebook, tau, weighting="softmax", lam=0.01):
+def kernel_mass(z, codebook, tau, weighting="softmax", lam=0.01, tau_mode="absolute"):
     """Mean over latents of sum_{j != q_i} w_ij: how much pull the dense loss spreads.
 
     Near 0: tau is too small for the latent scale (the dense loss does nothing); near 1 with
     softmax weights: the winner gets almost no share (tau too large, codes blur together).
+    NSVQ's forward reports the same number per step as out.diagnostics["kernel_mass"].
     Shapes: z (N, D), codebook (K, D).
     """
-    return float(search_and_dense_loss(z, codebook, tau, weighting, lam).mass)
+    return float(search_and_dense_loss(z, codebook, tau, weighting, lam, tau_mode=tau_mode).mass)
+
+
+@torch.no_grad()
+def duplicate_codes(codebook):
+    """How many codes are exact copies of another code (K - number of distinct rows)."""
+    return len(codebook) - len(torch.unique(codebook, dim=0))
 
 
 # -----------------------------------------------------------------------------
@@ -709,12 +912,14 @@ def _toy_run(method, scenario, steps=1500, K=64, seed=0):
         vq = EMAVectorQuantizer(K, 2, decay=0.95)
     else:
         # tau is in squared-distance units: 0.02 is about the spread within a blob. At 0.05 the
-        # kernel was too wide once the data had shrunk and codes merged (36% used at the end).
+        # kernel was too wide once the data had shrunk and codes merged.
         vq = NSVQ(K, 2, alpha=1.0, tau=0.02)
     with torch.no_grad():  # every method starts from the same codebook, on the data at t = 0
         vq.codebook.copy_(_toy_data(scenario, 0.0, K, gen))
         if method == "EMA":
             vq.embed_sum.copy_(vq.embedding)
+        vq.upkeep.usage.fill_(1.0 / K)  # these codes are data already: alive, not to be re-seeded
+        vq.upkeep.seeded.fill_(True)
     opt = torch.optim.Adam(vq.parameters(), lr=1e-2) if method != "EMA" else None
     usage = []
     for step in range(steps):
@@ -735,7 +940,7 @@ def _toy_run(method, scenario, steps=1500, K=64, seed=0):
     return vq.codebook.detach(), usage
 
 
-def _toy_demo(path="nsvq_toy.png"):
+def _toy_demo(path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -758,9 +963,24 @@ def _toy_demo(path="nsvq_toy.png"):
         axes[row, 3].set(title=f"{scenario}: utilization", xlabel="time", ylim=(0, 1.05))
         axes[row, 3].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=60)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    try:
+        fig.savefig(tmp, dpi=60)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    _toy_demo()
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The 2-D toy: STE, EMA and NSVQ codebooks trained "
+                                     "online on 8 blobs that translate or shrink (about 20 s).")
+    parser.add_argument("--out", default="nsvq_toy.png", help="figure to write (default: nsvq_toy.png)")
+    args = parser.parse_args()
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        parser.error(f"--out {args.out}: folder {folder} does not exist or is not writable")
+    _toy_demo(args.out)

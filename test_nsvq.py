@@ -4,6 +4,7 @@ Run with:  python -m pytest -q test_nsvq.py
 Everything runs on the CPU with tiny tensors and fixed seeds.
 """
 
+import glob
 import math
 import os
 import subprocess
@@ -200,30 +201,106 @@ def test_decode_of_indices_equals_z_q_for_every_quantizer_and_layout(cls, shape)
     assert torch.equal(vq.decode(out.indices), out.z_q)
 
 
-def test_usage_is_a_share_that_does_not_depend_on_batch_size():
-    K = 4
-    share_batch = torch.tensor([0, 0, 1, 2, 2, 2, 3, 3])  # shares 2/8, 1/8, 3/8, 2/8
-    small, large = nsvq.VectorQuantizer(K, 2), nsvq.VectorQuantizer(K, 2)
-    z = torch.zeros(8, 2)
-    for _ in range(30):
-        small.update_(z, share_batch)
-        large.update_(z.repeat(5, 1), share_batch.repeat(5))
-    expected = torch.tensor([2, 1, 3, 2]) / 8
-    torch.testing.assert_close(small.usage, expected)
-    torch.testing.assert_close(large.usage, small.usage)
-    uniform = nsvq.VectorQuantizer(K, 2)
-    uniform.update_(torch.zeros(4, 2), torch.arange(4))
-    torch.testing.assert_close(uniform.usage, torch.full((K,), 1 / K))  # 1/K from the first call
+def test_usage_follows_the_formula_with_a_weight_of_n_over_k_h_per_call():
+    K, H = 4, 8.0
+    vq = nsvq.VectorQuantizer(K, 2, usage_horizon=H)
+    expected = [0.0] * K
+    g = torch.Generator().manual_seed(0)
+    for n in (8, 3, 40, 1, 16):  # the last but one call alone is larger than K * H = 32
+        idx = torch.randint(K, (n,), generator=g)
+        vq.update_(torch.randn(n, 2, generator=g), idx)
+        w = min(1.0, n / (K * H))
+        for k in range(K):
+            share = sum(1 for i in idx.tolist() if i == k) / n
+            expected[k] += w * (share - expected[k])
+    torch.testing.assert_close(vq.upkeep.usage, torch.tensor(expected), rtol=1e-6, atol=1e-7)
 
 
-def test_usage_decays_for_a_code_that_stops_being_chosen():
-    vq = nsvq.VectorQuantizer(2, 1, usage_decay=0.9)
-    z = torch.zeros(4, 1)
-    for _ in range(200):
-        vq.update_(z, torch.tensor([0, 0, 1, 1]))
-    for _ in range(10):
-        vq.update_(z, torch.tensor([0, 0, 0, 0]))
-    torch.testing.assert_close(vq.usage[1], torch.tensor(0.5 * 0.9 ** 10))
+def steps_until_dead(K, latents_per_step, H=64.0):
+    """Steps after a code stops being chosen until it counts as dead (usage < 0.01 / K)."""
+    vq = nsvq.VectorQuantizer(K, 2, usage_horizon=H, buffer_size=0)
+    vq.upkeep.usage.fill_(1.0 / K)  # every code at the uniform share
+    idx = torch.arange(1, latents_per_step + 1) % (K - 1) + 1  # code 0 is never chosen again
+    z = torch.zeros(latents_per_step, 2)
+    for step in range(1, 100_000):
+        vq.update_(z, idx)
+        if vq.upkeep.dead()[0]:
+            return step
+
+
+def test_a_code_dies_after_the_same_number_of_expected_assignments_at_any_scale():
+    # MNIST: K = 1024, 128 images x 49 latents = 6 latents per code per step;
+    # the paper's GPU: K = 65,536, 16 images x 256 latents = 0.06; the paper's node: 0.5.
+    per_code = [steps_until_dead(K, n) * n / K for K, n in ((1024, 6272), (65536, 4096), (16384, 8192))]
+    expected = math.log(100) * 64  # ln(1/threshold) * usage_horizon = 295 assignments per code
+    for a in per_code:
+        assert a == pytest.approx(expected, rel=0.05)
+    assert 44 <= steps_until_dead(1024, 6272) <= 52  # MNIST: as before (an EMA of 0.9 per step: 44)
+
+
+def test_at_half_a_latent_per_code_slow_codes_survive_and_never_chosen_codes_are_reseeded():
+    # The paper's ratio: K = 16,384 codes, 8,192 latents per step. A quarter of the codes is
+    # chosen at 30% of the uniform rate, a quarter never; replacement runs every step.
+    K, N, steps = 16384, 8192, 700
+    g = torch.Generator().manual_seed(0)
+    rate = torch.ones(K)
+    rate[: K // 4], rate[K // 4: K // 2] = 0.3, 0.0
+    vq = nsvq.VectorQuantizer(K, 4)
+    seeded_at = torch.full((K,), -1)
+    reseeded = torch.zeros(K, dtype=torch.long)
+    for step in range(steps):
+        idx = torch.multinomial(rate, N, replacement=True, generator=g)
+        vq.update_(torch.randn(N, 4, generator=g), idx)
+        dead = vq.replace_dead_codes_()
+        reseeded[dead] += 1
+        first = dead[seeded_at[dead] < 0]
+        seeded_at[first] = step
+    assert (seeded_at >= 0).all() and seeded_at.max() <= 3  # the first calls seed every code
+    slow, never = slice(0, K // 4), slice(K // 4, K // 2)
+    assert reseeded[slow].max() == 1  # live but slow: never re-seeded after the first seeding
+    assert (reseeded[never] >= 2).all()  # never chosen: re-seeded again, ...
+    assert reseeded[K // 2:].max() == 1  # ... and codes at the uniform rate are left alone
+
+
+def mixture(n, modes, generator):
+    """Latents from a mixture of Gaussians around the rows of `modes`."""
+    pick = torch.randint(len(modes), (n,), generator=generator)
+    return modes[pick] + 0.5 * torch.randn(n, modes.shape[1], generator=generator)
+
+
+def test_replacement_writes_distinct_latents_and_the_codebook_covers_the_data_like_iid_samples():
+    # One GPU at the paper's size: 16 images x 256 tokens = 4,096 latents per step, K = 8,192.
+    g = torch.Generator().manual_seed(1)
+    K, D = 8192, 32
+    modes = 2 * torch.randn(512, D, generator=g)
+    vq = nsvq.NSVQ(K, D)
+    for _ in range(4):
+        z = mixture(4096, modes, g)
+        vq.update_(z, vq(z).indices)
+        vq.replace_dead_codes_()
+    codebook = vq.codebook.detach()
+    assert nsvq.duplicate_codes(codebook) == 0 and vq.upkeep.seeded.all()
+    fresh = mixture(16384, modes, g)
+    used = len(torch.unique(nsvq.nearest_code(fresh, codebook)))
+    used_iid = len(torch.unique(nsvq.nearest_code(fresh, mixture(K, modes, g))))
+    assert used >= 0.95 * used_iid
+
+
+def test_identical_latents_and_copies_of_codes_are_never_written_twice():
+    K, D = 16, 2
+    vq = nsvq.VectorQuantizer(K, D, buffer_size=64)  # 16 latents enter the pool per call
+    z = torch.zeros(16, D)  # a flat image region: every latent is the same vector ...
+    z[:5] = torch.arange(1.0, 11.0).view(5, 2)  # ... but five
+    vq.update_(z, torch.zeros(16, dtype=torch.long))
+    dead = vq.replace_dead_codes_()
+    assert len(dead) == 6  # 5 distinct latents + one copy of the flat vector, 10 codes left dead
+    codebook = vq.codebook.detach()
+    assert nsvq.duplicate_codes(codebook) == 0
+    assert (~vq.upkeep.seeded).sum() == 10
+    vq.update_(z, torch.zeros(16, dtype=torch.long))
+    assert len(vq.replace_dead_codes_()) == 0  # only copies of existing codes are left: retired
+    assert nsvq.duplicate_codes(vq.codebook.detach()) == 0
+    assert not vq.upkeep.pool_fresh.any()
 
 
 @pytest.mark.parametrize("cls", [nsvq.VectorQuantizer, nsvq.EMAVectorQuantizer, nsvq.NSVQ])
@@ -231,7 +308,8 @@ def test_usage_decays_for_a_code_that_stops_being_chosen():
 def test_replacement_reseeds_exactly_the_dead_codes_and_leaves_live_ones_bit_identical(cls, replace_from):
     torch.manual_seed(8)
     K = 8
-    vq = cls(K, 3, replace_from=replace_from)
+    vq = cls(K, 3, replace_from=replace_from, buffer_size=64)
+    vq.upkeep.seeded.fill_(True)  # a codebook already initialised: only usage decides
     z = torch.randn(64, 3)
     vq.update_(z, torch.tensor([0, 1, 2, 5] * 16))  # codes 3, 4, 6, 7 never used
     before = vq.codebook.detach().clone()
@@ -241,7 +319,7 @@ def test_replacement_reseeds_exactly_the_dead_codes_and_leaves_live_ones_bit_ide
     live = torch.tensor([0, 1, 2, 5])
     assert torch.equal(after[live], before[live])
     assert not torch.equal(after[dead], before[dead])
-    torch.testing.assert_close(vq.usage[dead], torch.full((4,), 1 / K))
+    torch.testing.assert_close(vq.upkeep.usage[dead], torch.full((4,), 1 / K))
     if replace_from == "latents":  # new codes are actual recent latents
         d = brute_force_distances(after[dead], z).min(1).values
         assert (d < 1e-10).all()
@@ -254,13 +332,32 @@ def test_replacement_reseeds_exactly_the_dead_codes_and_leaves_live_ones_bit_ide
     assert vq.replace_dead_codes_().numel() == 0  # nothing is dead right after
 
 
-def test_replacement_needs_latents_first_and_simvq_refuses():
+def test_replacement_needs_update_first_and_simvq_refuses():
     with pytest.raises(RuntimeError, match="update_"):
         nsvq.NSVQ(4, 2).replace_dead_codes_()
+    with pytest.raises(RuntimeError, match="update_"):
+        nsvq.NSVQ(4, 2, replace_from="codes").replace_dead_codes_()
     with pytest.raises(NotImplementedError, match="SimVQ"):
         nsvq.SimVQ(4, 2).replace_dead_codes_()
+    vq = nsvq.NSVQ(4, 2)
+    vq.update_(torch.randn(8, 2), torch.arange(8) % 4)
     with pytest.raises(ValueError, match="threshold"):
-        nsvq.NSVQ(4, 2).replace_dead_codes_(threshold=2.0)
+        vq.replace_dead_codes_(threshold=2.0)
+
+
+def test_non_finite_latents_leave_usage_pool_and_ema_codebook_as_they_were():
+    torch.manual_seed(9)
+    vq = nsvq.EMAVectorQuantizer(8, 3)
+    z = torch.randn(32, 3)
+    vq.update_(z, vq(z).indices)
+    state = {k: v.clone() for k, v in vq.state_dict().items()}
+    bad = torch.full((32, 3), float("nan"))
+    vq.update_(bad, torch.zeros(32, dtype=torch.long))  # a skipped (non-finite) training step
+    for k, v in vq.state_dict().items():
+        if not k.startswith("upkeep.pool") and not k.startswith("upkeep.latent_pool"):
+            assert torch.equal(v, state[k]), k
+    written = ~torch.isfinite(vq.upkeep.latent_pool).all(1)  # rows are written ...
+    assert written.any() and not (written & vq.upkeep.pool_fresh).any()  # ... but never handed out
 
 
 def test_reset_adam_state_zeroes_only_the_given_rows():
@@ -294,15 +391,17 @@ def test_stage_schedule_freezes_on_plateau_then_warms_up_then_ramps_the_gan():
     assert not s.commitment and not s.encoder_trainable
 
 
-def test_stage_schedule_freeze_epoch_and_zero_warmup():
+def test_stage_schedule_freeze_epoch_zero_warmup_and_a_single_stage():
     s = nsvq.StageSchedule(patience=100, freeze_epoch=3, warmup_epochs=0)
     for epoch, loss in enumerate([3.0, 2.0]):
         assert not s.end_epoch(epoch, loss)
     assert s.end_epoch(2, 1.0)  # epoch + 1 >= freeze_epoch, although the loss still improves
     assert s.stage == "stage2" and s.stage_start == {"stage1": 0, "warmup": 3, "stage2": 3}
+    one = nsvq.StageSchedule(patience=None, freeze_epoch=None)
+    assert not any(one.end_epoch(epoch, 1.0) for epoch in range(50)) and one.stage == "stage1"
 
 
-def test_stage_schedule_resumes_mid_stage_from_its_state_dict():
+def test_stage_schedule_resumes_mid_stage_from_its_state_dict_and_refuses_a_partial_one():
     a = nsvq.StageSchedule(patience=3, warmup_epochs=1)
     losses = [1.0, 0.9, 0.95, 0.95, 0.95, 0.1, 0.1]
     for epoch, loss in enumerate(losses[:3]):
@@ -314,6 +413,8 @@ def test_stage_schedule_resumes_mid_stage_from_its_state_dict():
     assert a.state_dict() == b.state_dict() and b.stage == "stage2"
     with pytest.raises(ValueError, match="finite"):
         b.end_epoch(7, float("nan"))
+    with pytest.raises(ValueError, match="missing"):
+        b.load_state_dict({"stage": "warmup"})
 
 
 @pytest.mark.parametrize("cls", QUANTIZERS)
@@ -329,59 +430,77 @@ def test_state_dict_round_trip_preserves_codebook_statistics_and_buffers(cls):
         assert torch.equal(a, b), name
     assert torch.equal(clone.codebook, vq.codebook)
     names = set(vq.state_dict())
-    assert {"usage", "usage_calls"} <= names
+    assert {"upkeep.usage", "upkeep.seeded", "upkeep.pool_fresh", "upkeep.pool_written"} <= names
     if cls is nsvq.EMAVectorQuantizer:
         assert {"cluster_size", "embed_sum", "embedding"} <= names
 
 
-def test_bad_inputs_raise_clear_errors():
-    vq = nsvq.NSVQ(8, 3)
-    with pytest.raises(ValueError, match="3"):
-        vq(torch.randn(2, 4, 5))  # 4 channels, dim 3
-    with pytest.raises(ValueError, match="channel-first"):
-        vq(torch.randn(3))
-    with pytest.raises(TypeError, match="floating"):
-        vq(torch.ones(2, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="codebook_size"):
-        nsvq.VectorQuantizer(0, 3)
-    with pytest.raises(ValueError, match="tau"):
-        nsvq.NSVQ(8, 3, tau=0.0)
-    with pytest.raises(ValueError, match="weighting"):
-        nsvq.NSVQ(8, 3, weighting="gaussian")
-    with pytest.raises(ValueError, match="replace_from"):
-        nsvq.NSVQ(8, 3, replace_from="noise")
-    with pytest.raises(ValueError, match=r"\[0, 8\)"):
-        vq.decode(torch.tensor([[0, 8]]))
-    with pytest.raises(TypeError, match="int"):
-        vq.decode(torch.tensor([0.0]))
+@pytest.mark.parametrize("bad, error", [
+    (lambda: nsvq.NSVQ(8, 3)(torch.randn(2, 4, 5)), "codebook dim is 3"),
+    (lambda: nsvq.NSVQ(8, 3)(torch.randn(3)), "channel-first"),
+    (lambda: nsvq.NSVQ(8, 3)(torch.ones(2, 3, dtype=torch.long)), "floating"),
+    (lambda: nsvq.NSVQ(8, 3)(torch.randn(0, 3, 4)), "empty batch"),
+    (lambda: nsvq.VectorQuantizer(0, 3), "codebook_size"),
+    (lambda: nsvq.VectorQuantizer(8, 3, beta=-1.0), "beta"),
+    (lambda: nsvq.VectorQuantizer(8, 3, usage_horizon=0), "usage_horizon"),
+    (lambda: nsvq.VectorQuantizer(8, 3, buffer_size=-1), "buffer_size"),
+    (lambda: nsvq.VectorQuantizer(8, 3, replace_from="noise"), "replace_from"),
+    (lambda: nsvq.EMAVectorQuantizer(8, 3, decay=1.5), "decay"),
+    (lambda: nsvq.EMAVectorQuantizer(8, 3, decay=-1.0), "decay"),
+    (lambda: nsvq.NSVQ(8, 3, tau=0.0), "tau"),
+    (lambda: nsvq.NSVQ(8, 3, tau=float("inf")), "tau"),
+    (lambda: nsvq.NSVQ(8, 3, tau=float("nan")), "tau"),
+    (lambda: nsvq.NSVQ(8, 3, tau=1e-40), "tau"),
+    (lambda: nsvq.NSVQ(8, 3, tau_mode="adaptive"), "tau_mode"),
+    (lambda: nsvq.NSVQ(8, 3, weighting="gaussian"), "weighting"),
+    (lambda: nsvq.NSVQ(8, 3, alpha=float("nan")), "alpha"),
+    (lambda: nsvq.NSVQ(8, 3).decode(torch.tensor([[0, 8]])), r"\[0, 8\)"),
+    (lambda: nsvq.NSVQ(8, 3).decode(torch.tensor([0.0])), "int"),
+    (lambda: nsvq.NSVQ(8, 3).update_(torch.randn(4, 3), torch.tensor([0, 1, 2, 9])), r"\[0, 8\)"),
+    (lambda: nsvq.NSVQ(8, 3).update_(torch.randn(4, 3), torch.tensor([0, 1])), "4 latents"),
+    (lambda: nsvq.StageSchedule(patience=0), "patience"),
+    (lambda: nsvq.StageSchedule(warmup_epochs=1.5), "warmup_epochs"),
+])
+def test_bad_inputs_raise_clear_errors(bad, error):
+    with pytest.raises((ValueError, TypeError), match=error):
+        bad()
 
 
-def test_indices_under_bf16_autocast_equal_the_fp32_indices():
+@pytest.mark.parametrize("cls", QUANTIZERS)
+def test_indices_under_bf16_autocast_equal_the_fp32_indices(cls):
     torch.manual_seed(10)
-    vq = nsvq.NSVQ(512, 8)
-    with torch.no_grad():
-        vq.embedding.copy_(torch.randn(512, 8))
+    vq = cls(512, 8)
+    if cls is nsvq.SimVQ:  # a trained-looking map, not the identity-ish initial one
+        torch.nn.init.normal_(vq.proj.weight, std=0.5)
+    else:
+        with torch.no_grad():
+            vq.codebook.copy_(torch.randn(512, 8))
     conv = torch.nn.Conv2d(8, 8, 1)
     x = torch.randn(4, 8, 8, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z_e = conv(x)
         assert z_e.dtype == torch.bfloat16
         out = vq(z_e)
+        assert vq.codebook.dtype == torch.float32
     assert out.z_q.dtype == torch.bfloat16
-    ref = vq(z_e.float()).indices  # the same bf16 latents, searched in fp32 without autocast
-    assert torch.equal(out.indices, ref)
+    z = z_e.float()
+    reference = brute_force_distances(z.movedim(1, -1).reshape(-1, 8).double(),
+                                      vq.codebook.detach().double()).argmin(1)
+    assert torch.equal(out.indices.reshape(-1), reference)
+    assert torch.equal(out.indices, vq(z).indices)  # the same latents without autocast
     assert all(v.dtype == torch.float32 for v in out.losses.values())
 
 
 def test_torch_compile_compiles_the_nsvq_forward():
     torch.manual_seed(11)
-    vq = nsvq.NSVQ(32, 4)
+    vq = nsvq.NSVQ(32, 4, tau_mode="relative")
     z_e = torch.randn(2, 4, 3, 3)
     eager = vq(z_e)
     compiled = torch.compile(vq)(z_e)
     assert torch.equal(compiled.indices, eager.indices)
     for key in eager.losses:
         torch.testing.assert_close(compiled.losses[key], eager.losses[key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled.diagnostics["kernel_mass"], eager.diagnostics["kernel_mass"])
 
 
 def test_codebook_stats_drift_and_churn_diagnostics():
@@ -390,14 +509,40 @@ def test_codebook_stats_drift_and_churn_diagnostics():
     assert nsvq.codebook_stats(torch.ones(7))["perplexity"] == pytest.approx(7.0)
     assert nsvq.encoder_drift(torch.zeros(2, 2), torch.full((2, 2), 3.0)) == pytest.approx(3.0)
     assert nsvq.assignment_churn(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 0, 3, 0])) == 0.5
+    assert nsvq.duplicate_codes(torch.tensor([[1.0, 2.0], [1.0, 2.0], [0.0, 2.0]])) == 1
 
 
-def test_kernel_mass_grows_with_tau():
+def test_kernel_mass_grows_with_tau_and_the_forward_reports_it():
     torch.manual_seed(12)
     z, codebook = torch.randn(64, 2), torch.randn(32, 2)
     masses = [nsvq.kernel_mass(z, codebook, tau) for tau in (1e-4, 0.1, 10.0)]
     assert masses[0] < 0.01 and masses[0] < masses[1] < masses[2] < 1.0
     assert masses[2] > 0.9
+    vq = nsvq.NSVQ(32, 2, tau=0.1)
+    with torch.no_grad():
+        vq.embedding.copy_(codebook)
+    out = vq(z)
+    assert float(out.diagnostics["kernel_mass"]) == pytest.approx(masses[1], rel=1e-6)
+    assert float(out.diagnostics["tau"]) == pytest.approx(0.1)
+    vq.dense = False
+    assert vq(z).diagnostics == {}
+
+
+def test_relative_tau_keeps_the_kernel_when_the_latent_scale_changes_and_absolute_tau_does_not():
+    torch.manual_seed(13)
+    z, codebook = torch.randn(256, 16), torch.randn(128, 16)
+    d_mean = float(nsvq.mean_quantization_error(z, codebook, nsvq.nearest_code(z, codebook)))
+    for scale in (0.1, 10.0):
+        rel = nsvq.search_and_dense_loss(z * scale, codebook * scale, 0.5, tau_mode="relative")
+        base = nsvq.search_and_dense_loss(z, codebook, 0.5, tau_mode="relative")
+        torch.testing.assert_close(rel.mass, base.mass, rtol=1e-4, atol=0)
+        torch.testing.assert_close(rel.loss, base.loss * scale ** 2, rtol=1e-4, atol=0)
+        assert float(base.tau) == pytest.approx(0.5 * d_mean, rel=1e-5)
+    absolute = [nsvq.kernel_mass(z * s, codebook * s, 0.5 * d_mean) for s in (0.1, 1.0, 10.0)]
+    assert absolute[0] > 0.95 and absolute[2] < 0.05  # the same absolute tau: uniform, or inert
+    # relative tau is the absolute one at T = tau * mean nearest squared distance (oracle)
+    ref = nsvq.search_and_dense_loss(z, codebook, 0.5 * d_mean)
+    torch.testing.assert_close(base.loss, ref.loss, rtol=1e-5, atol=0)
 
 
 # --- 4. DDP: two gloo processes --------------------------------------------------------------
@@ -405,31 +550,35 @@ def test_kernel_mass_grows_with_tau():
 def _ddp_worker(rank, world, port, replace_from, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(100 + rank)  # ranks see different data and draw different random numbers
     out = {}
-    for name, cls in [("nsvq", nsvq.NSVQ), ("ema", nsvq.EMAVectorQuantizer)]:
+    for name, cls in [("nsvq", nsvq.NSVQ), ("ema", nsvq.EMAVectorQuantizer), ("ste", nsvq.VectorQuantizer)]:
         torch.manual_seed(0)
         vq = cls(32, 3, replace_from=replace_from)  # same initial codebook on both ranks
-        torch.manual_seed(100 + rank)
-        for step in range(6):
+        torch.manual_seed(100 + rank)  # ranks see different data and draw different random numbers
+        for step in range(8):
             z_e = torch.randn(2, 3, 4, 4) * (1 + rank)
+            if step == 5:
+                z_e[:, :, :2] = 0.0  # identical latents on both ranks: copies must not be written
             vq.update_(z_e, vq(z_e).indices)
             if step % 2 == 1:
                 vq.replace_dead_codes_()
-        out[name] = (vq.codebook.detach().clone(), vq.usage.clone())
+        out[name] = {k: v.clone() for k, v in vq.state_dict().items()}
     results[rank] = out
     dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("replace_from", ["latents", "codes"])
-def test_ddp_ranks_with_different_data_keep_bitwise_identical_codebooks_and_usage(replace_from):
+def test_ddp_ranks_with_different_data_keep_bitwise_identical_quantizer_state(replace_from):
     port = 29500 + (os.getpid() % 1000) + (0 if replace_from == "latents" else 1000)
     results = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(2, port, replace_from, results), nprocs=2, join=True)
-    for name in ("nsvq", "ema"):
-        (c0, u0), (c1, u1) = results[0][name], results[1][name]
-        assert torch.equal(c0, c1) and torch.equal(u0, u1), name
-        assert (u0 > 0).any()
+    for name in ("nsvq", "ema", "ste"):
+        a, b = results[0][name], results[1][name]
+        for key in a:  # codebook, usage, seeded, latent pool, EMA statistics: every buffer
+            assert torch.equal(a[key], b[key]), (name, key)
+        assert (a["upkeep.usage"] > 0).any() and a["upkeep.seeded"].all()
+        codebook = a["embedding"]
+        assert nsvq.duplicate_codes(codebook) == 0, name
 
 
 # --- 5. smoke -------------------------------------------------------------------------------
@@ -475,7 +624,7 @@ def make_fake_mnist(folder, n_train=192, n_test=64, seed=0):
 
 def tiny_config(tmp_path, **overrides):
     data = make_fake_mnist(str(tmp_path / "data"))
-    base = dict(data_dir=data, no_download=True, out=str(tmp_path / "run"), codebook_size=64, dim=4,
+    base = dict(data=data, no_download=True, out=str(tmp_path / "run"), codebook_size=64, dim=4,
                 width=16, batch_size=32, epochs=3, freeze_epoch=1, warmup_epochs=1, probe_every=3,
                 quiet=True, device="cpu")
     base.update(overrides)
@@ -508,7 +657,7 @@ def test_mnist_encoder_is_frozen_after_stage_one(tmp_path):
     cfg = tiny_config(tmp_path, epochs=2)
     train_mnist.main(cfg)
     ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
-    train_mnist.main(tiny_config(tmp_path, epochs=3, resume=True))  # epoch 2 is stage 2
+    train_mnist.main(tiny_config(tmp_path, epochs=3, resume="auto"))  # epoch 2 is stage 2
     after = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
     for key, value in ckpt["model"].items():
         if key.startswith("encoder."):
@@ -519,7 +668,7 @@ def test_mnist_encoder_is_frozen_after_stage_one(tmp_path):
 def test_mnist_resume_matches_the_uninterrupted_run(tmp_path):
     train_mnist.main(tiny_config(tmp_path / "a", epochs=3))
     train_mnist.main(tiny_config(tmp_path / "b", epochs=2))
-    train_mnist.main(tiny_config(tmp_path / "b", epochs=3, resume=True))
+    train_mnist.main(tiny_config(tmp_path / "b", epochs=3, resume="auto"))
     a = torch.load(tmp_path / "a" / "run" / "ckpt.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "run" / "ckpt.pt", weights_only=False)
     for key in a["model"]:
@@ -529,17 +678,27 @@ def test_mnist_resume_matches_the_uninterrupted_run(tmp_path):
 
 def test_mnist_resume_without_a_checkpoint_or_with_another_model_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="ckpt.pt"):
-        train_mnist.main(tiny_config(tmp_path, resume=True))
+        train_mnist.main(tiny_config(tmp_path, resume="auto"))
     train_mnist.main(tiny_config(tmp_path, epochs=1))
     with pytest.raises(ValueError, match="codebook_size"):
-        train_mnist.main(tiny_config(tmp_path, epochs=2, codebook_size=32, resume=True))
+        train_mnist.main(tiny_config(tmp_path, epochs=2, codebook_size=32, resume="auto"))
     with pytest.raises(ValueError, match="decoder_norm"):
-        train_mnist.main(tiny_config(tmp_path, epochs=2, decoder_norm=False, resume=True))
+        train_mnist.main(tiny_config(tmp_path, epochs=2, decoder_norm=False, resume="auto"))
+
+
+def test_mnist_refuses_to_overwrite_an_earlier_run_unless_asked(tmp_path):
+    train_mnist.main(tiny_config(tmp_path, epochs=1))
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    with pytest.raises(train_mnist.OutputError, match="--resume auto.*--overwrite"):
+        train_mnist.main(tiny_config(tmp_path, epochs=1, seed=1))
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+    train_mnist.main(tiny_config(tmp_path, epochs=1, seed=1, overwrite=True))
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() != before
 
 
 def test_mnist_loader_rejects_corrupt_truncated_wrong_magic_and_missing_files(tmp_path):
     cfg = tiny_config(tmp_path)
-    path = os.path.join(cfg.data_dir, "t10k-images-idx3-ubyte.gz")
+    path = os.path.join(cfg.data, "t10k-images-idx3-ubyte.gz")
     good = open(path, "rb").read()
     open(path, "wb").write(good[: len(good) // 2])  # truncated gzip stream
     with pytest.raises(train_mnist.DataError, match="t10k-images"):
@@ -583,12 +742,24 @@ def test_mnist_command_line_lists_every_config_field_and_rejects_bad_options(tmp
     for f in train_mnist.Config.__dataclass_fields__:
         assert "--" + f.replace("_", "-") in out
     assert "--no-gan" in out
-    bad = subprocess.run([sys.executable, "train_mnist.py", "--quantizer", "vqgan", "--data-dir",
+    bad = subprocess.run([sys.executable, "train_mnist.py", "--quantizer", "vqgan", "--data",
                           make_fake_mnist(str(tmp_path / "d")), "--no-download", "--out", str(tmp_path / "o")],
                          cwd=HERE, capture_output=True, text=True)
-    assert bad.returncode != 0 and "unknown quantizer 'vqgan'" in bad.stderr
+    assert bad.returncode != 0 and "unknown --quantizer 'vqgan'" in bad.stderr
     with pytest.raises(ValueError, match="multiple of 8 with decoder_norm"):
         train_mnist.resolve(train_mnist.Config(width=12))
+    # a comment that runs over two lines is printed whole
+    assert "nearest code); equal here" in " ".join(out.split())
+
+
+def test_mnist_default_freeze_epoch_leaves_the_warmup_and_a_stage_two_epoch():
+    for epochs, warmup, gan, freeze in ((5, 1, True, 3), (5, 2, True, 2), (5, 2, False, 3), (2, 2, True, 1)):
+        cfg = train_mnist.resolve(train_mnist.Config(epochs=epochs, warmup_epochs=warmup, gan=gan))
+        assert cfg.freeze_epoch == freeze, (epochs, warmup, gan)
+    s = nsvq.StageSchedule(patience=10, freeze_epoch=2, warmup_epochs=2)
+    for epoch in range(5):
+        s.end_epoch(epoch, 1.0)
+    assert s.stage_start == {"stage1": 0, "warmup": 2, "stage2": 4}  # one stage-2 epoch of five
 
 
 def test_readme_python_blocks_run():
@@ -632,10 +803,9 @@ def tiny_imagenet(tmp_path, **overrides):
     data = str(tmp_path / "data")
     if not os.path.isdir(data):
         make_image_folder(data)
-    base = dict(train_imagenet.PRESETS["tiny"], preset="tiny", data=data, out=str(tmp_path / "run"),
-                device="cpu", amp="none", quiet=True)
+    base = dict(data=data, out=str(tmp_path / "run"), device="cpu", amp="none", quiet=True)
     base.update(overrides)
-    return train_imagenet.Config(**base)
+    return train_imagenet.make_config("tiny", **base)
 
 
 def test_imagenet_tiny_runs_all_stages_counts_a_corrupt_jpeg_and_gives_a_tokenizer(tmp_path):
@@ -647,11 +817,15 @@ def test_imagenet_tiny_runs_all_stages_counts_a_corrupt_jpeg_and_gives_a_tokeniz
     assert (tmp_path / "run" / "recon-final.png").stat().st_size > 0
     lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert {line["stage"] for line in lines if "stage" in line} == {"stage1", "warmup", "stage2"}
+    first = lines[0]  # the quantizer at scale: re-seeded, dead, kernel, probe scales
+    assert first["reseeded"] > 0 and 0 < first["kernel_mass"] < 1 and first["tau"] > 0
+    assert first["quant_error"] > 0 and first["latent_norm"] > 0 and "drift" in first
     ckpts = train_imagenet.checkpoints(str(tmp_path / "run"))
     assert len(ckpts) == 2  # keep_ckpts
     model = train_imagenet.load_autoencoder(ckpts[-1])
     indices = model.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
     assert indices.shape == (2, 16, 16) and model.decode(indices).shape == (2, 3, 32, 32)
+    assert not [p for p in os.listdir(tmp_path / "run") if ".tmp" in p]  # no temporary file left
 
 
 def test_imagenet_resume_after_a_stop_matches_the_uninterrupted_run_bitwise(tmp_path):
@@ -666,27 +840,81 @@ def test_imagenet_resume_after_a_stop_matches_the_uninterrupted_run_bitwise(tmp_
     assert a["schedule"] == b["schedule"] and a["state"]["step"] == b["state"]["step"] == 9
 
 
-def test_imagenet_eval_only_reports_rfid_and_lpips_with_random_networks(tmp_path):
+def test_imagenet_resume_loads_checkpoints_to_the_cpu_whatever_the_device(tmp_path, monkeypatch):
+    # On a GPU node torch.load(map_location=device) would put the RNG states on the GPU, and
+    # torch.set_rng_state accepts CPU tensors only. Emulate "another device" with the meta device:
+    # any load that is not mapped to the CPU gets meta tensors and the resume fails.
+    train_imagenet.main(tiny_imagenet(tmp_path, max_steps=2))
+    real_load = torch.load
+
+    def load(path, map_location=None, **kwargs):
+        ckpt = real_load(path, map_location="cpu", **kwargs)
+        if map_location != "cpu":
+            ckpt = torch.utils._pytree.tree_map(lambda t: t.to("meta") if torch.is_tensor(t) else t, ckpt)
+        return ckpt
+
+    monkeypatch.setattr(torch, "load", load)
+    result = train_imagenet.main(tiny_imagenet(tmp_path, resume="auto", epochs=1))
+    assert result["steps"] == 3
+    model = train_imagenet.load_autoencoder(train_imagenet.checkpoints(str(tmp_path / "run"))[-1])
+    assert model.vq.codebook.device.type == "cpu"
+
+
+def test_imagenet_eval_only_reports_simvq_metrics_with_random_networks(tmp_path):
     train_imagenet.main(tiny_imagenet(tmp_path, epochs=1))
     result = train_imagenet.main(tiny_imagenet(tmp_path, eval_only=True, resume="auto",
-                                               lpips_weights="random", inception="random",
-                                               max_eval_images=4))
-    assert result["images"] == 4
-    for key in ("rfid", "lpips", "psnr", "ssim", "utilization", "perplexity"):
+                                               lpips_weights="random", eval_lpips=True,
+                                               inception="random", max_eval_images=6, eval_batch=4))
+    assert result["images"] == 6
+    for key in ("rfid", "lpips_alex", "lpips_vgg", "psnr", "ssim", "utilization", "perplexity"):
         assert math.isfinite(result[key]), key
     assert json.load(open(tmp_path / "run" / "eval.json"))["rfid"] == result["rfid"]
 
 
-def test_imagenet_torchrun_two_ranks_end_with_identical_weights_and_codebooks(tmp_path):
-    data = make_image_folder(str(tmp_path / "data"))
+def run_torchrun(tmp_path, *options, quantizer="nsvq"):
+    data = str(tmp_path / "data")
+    if not os.path.isdir(data):
+        make_image_folder(data)
     cmd = ["torchrun", "--standalone", "--nproc_per_node=2", "train_imagenet.py", "--preset", "tiny",
-           "--data", data, "--device", "cpu", "--amp", "none", "--out", str(tmp_path / "run"),
-           "--quiet", "--check-codebook"]
-    run = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "ranks disagree" not in run.stderr
-    saved = json.load(open(tmp_path / "run" / "results.json"))
-    assert saved["steps"] == 9  # global batch 8 split 4 + 4: same number of steps as one process
+           "--data", data, "--device", "cpu", "--amp", "none", "--out", str(tmp_path / quantizer),
+           "--quiet", "--quantizer", quantizer, *options]
+    return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("quantizer", ["ste", "ema", "simvq", "nsvq"])
+def test_imagenet_torchrun_two_ranks_end_bitwise_identical_and_only_rank_zero_writes(tmp_path, quantizer):
+    # At the end of a multi-process run every rank compares, bitwise, all weights, every
+    # quantizer buffer and the EMA weights with rank 0's (check_identical), and a non-zero rank
+    # that tries to write a file raises: a mismatch or a stray write ends the run with an error.
+    run = run_torchrun(tmp_path, "--check-codebook", "--epochs", "2", "--eval-every", "1",
+                       quantizer=quantizer)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    saved = json.load(open(tmp_path / quantizer / "results.json"))
+    assert saved["steps"] == 6  # global batch 8 split 4 + 4: the same steps as one process
+    assert saved["images"] == 8  # every val image evaluated once, over both ranks
+
+
+def test_imagenet_ranks_that_disagree_are_caught():
+    # check_identical itself: a tensor that differs on rank 1 must raise on every rank.
+    results = mp.Manager().dict()
+    port = 29400 + os.getpid() % 500
+    mp.spawn(_disagree_worker, args=(2, port, results), nprocs=2, join=True)
+    assert results[0] == results[1] == "ranks disagree: w differs across ranks"
+
+
+def _disagree_worker(rank, world, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    train_imagenet.check_identical({"same": torch.ones(3)}, torch.device("cpu"))
+    try:
+        w = torch.tensor([1.0, 2.0])
+        if rank == 1:
+            w[1] = torch.nextafter(w[1], torch.tensor(3.0))  # one unit in the last place
+        train_imagenet.check_identical({"w": w}, torch.device("cpu"))
+        results[rank] = "no error"
+    except RuntimeError as e:
+        results[rank] = str(e)
+    dist.destroy_process_group()
 
 
 def test_imagenet_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -701,18 +929,24 @@ def test_imagenet_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, rest
-    assert "(SIGTERM)" in rest
-    assert train_imagenet.checkpoints(str(tmp_path / "run"))
+    assert "(stopped by a signal)" in rest
+    ckpts = train_imagenet.checkpoints(str(tmp_path / "run"))
+    assert ckpts and train_imagenet.load_checkpoint(ckpts[-1])["state"]["step"] >= 3
 
 
-def test_imagenet_non_finite_losses_stop_the_run_and_leave_the_last_checkpoint(tmp_path):
+def test_imagenet_non_finite_steps_are_skipped_then_stop_the_run_with_good_weights(tmp_path, monkeypatch):
     train_imagenet.main(tiny_imagenet(tmp_path, epochs=1))
     before = train_imagenet.checkpoints(str(tmp_path / "run"))
+    good = train_imagenet.load_checkpoint(before[-1])
+    monkeypatch.setattr(train_imagenet, "to_model_range", lambda images: torch.full(images.shape, float("nan")))
     with pytest.raises(RuntimeError, match="non-finite"):
-        train_imagenet.main(tiny_imagenet(tmp_path, epochs=3, resume="auto", l1_weight=float("nan"),
-                                          max_bad_steps=2))
-    assert train_imagenet.checkpoints(str(tmp_path / "run")) == before
-    torch.load(before[-1], weights_only=False)  # still a complete checkpoint
+        train_imagenet.main(tiny_imagenet(tmp_path, epochs=3, resume="auto", max_bad_steps=2, ckpt_every=1))
+    after = train_imagenet.load_checkpoint(train_imagenet.checkpoints(str(tmp_path / "run"))[-1])
+    assert after["state"]["step"] > good["state"]["step"]  # steps were taken, and skipped:
+    for part in ("model", "disc"):  # (the weight EMA keeps averaging the unchanged weights)
+        for key, value in good[part].items():
+            if "latent_pool" not in key and "pool_" not in key:  # NaN latents enter no pool slot as fresh
+                assert torch.equal(after[part][key], value), (part, key)
 
 
 def test_imagenet_packed_data_trains_and_rejects_a_wrong_size(tmp_path):
@@ -724,24 +958,82 @@ def test_imagenet_packed_data_trains_and_rejects_a_wrong_size(tmp_path):
     assert result["images"] == 8
     with pytest.raises(train_imagenet.DataError, match="packed at 32px"):
         train_imagenet.main(tiny_imagenet(tmp_path, packed=str(tmp_path / "packed"), data="",
-                                          image_size=64, epochs=1))
+                                          image_size=64, epochs=1, overwrite=True))
 
 
-def test_imagenet_bad_inputs_give_clear_errors(tmp_path):
-    with pytest.raises(train_imagenet.DataError, match="no folder"):
-        train_imagenet.main(tiny_imagenet(tmp_path, data=str(tmp_path / "nowhere")))
-    os.makedirs(tmp_path / "empty" / "train" / "n01")
-    os.makedirs(tmp_path / "empty" / "val" / "n01")
-    with pytest.raises(train_imagenet.DataError, match="holds no images"):
-        train_imagenet.main(tiny_imagenet(tmp_path, data=str(tmp_path / "empty")))
-    with pytest.raises(ValueError, match="amp"):
-        train_imagenet.main(tiny_imagenet(tmp_path, amp="fp8"))
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train_imagenet.main(tiny_imagenet(tmp_path, resume="auto"))
-    with pytest.raises(ValueError, match="eval-only"):
-        train_imagenet.main(tiny_imagenet(tmp_path, eval_only=True))
-    with pytest.raises(FileNotFoundError, match="Inception"):
-        metrics.InceptionFID(str(tmp_path / "missing.pth"))
+def test_imagenet_paper_model_has_simvq_parameter_counts():
+    cfg = train_imagenet.resolve(train_imagenet.Config(data="-"))
+    with torch.device("meta"):
+        model = train_imagenet.Autoencoder(cfg)
+        disc = train_imagenet.make_discriminator()
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(model.encoder) == pytest.approx(24.3e6, rel=0.02)
+    assert count(model.decoder) == pytest.approx(39.9e6, rel=0.02)
+    assert count(disc) == pytest.approx(2.77e6, rel=0.02)  # taming's 3-layer PatchGAN
+    assert model.vq.codebook.shape == (65536, 128) and isinstance(model.vq, nsvq.NSVQ)
+    assert model.vq.tau_mode == "relative"
+
+
+def test_imagenet_preset_applies_in_resolve_and_tokens_follow_the_downsampling():
+    cfg = train_imagenet.resolve(train_imagenet.Config(preset="tiny", data="-"))
+    assert cfg.image_size == 32 and cfg.codebook_size == 256 and not cfg.compile
+    assert train_imagenet.resolve(cfg) == cfg  # applied once
+    explicit = train_imagenet.parse_args(["--preset", "tiny", "--compile", "--data", "-"])
+    assert train_imagenet.resolve(explicit).compile and explicit.image_size == 32  # flags win
+    model = train_imagenet.Autoencoder(cfg)
+    assert model.encode(torch.zeros(1, 3, 32, 32)).shape == (1, 16, 16)  # f = 2 ** (2 - 1)
+
+
+def test_imagenet_resize_and_crop_follow_torchvision_resize_and_center_crop():
+    img = Image.fromarray(np.arange(131 * 64 * 3, dtype=np.uint32).reshape(64, 131, 3).astype(np.uint8))
+    out = train_imagenet.resize_and_crop(img, 64)  # short side already 64: no resize
+    assert out.size == (64, 64)
+    assert np.array_equal(np.asarray(out), np.asarray(img)[:, 34:98])  # offset round(67 / 2) = 34
+    wide = Image.new("RGB", (300, 200))
+    assert train_imagenet.resize_and_crop(wide, 128).size == (128, 128)
+    # Resize(128) of 300 x 200 is int(128 * 300 / 200) = 192 x 128 with Pillow's bilinear filter
+    resized = wide.resize((192, 128), Image.BILINEAR)
+    assert np.array_equal(np.asarray(train_imagenet.resize_and_crop(wide, 128)), np.asarray(resized)[:, 32:160])
+
+
+def test_imagenet_16_bit_images_are_scaled_not_clipped(tmp_path):
+    path = str(tmp_path / "deep.png")
+    levels = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(levels).save(path)
+    rgb = np.asarray(train_imagenet.read_rgb(path))
+    assert rgb.shape == (64, 64, 3) and rgb.min() == 0 and rgb.max() == 255
+    assert (rgb[..., 0] == 255).mean() < 0.01  # convert("RGB") would have clipped 99.6% to 255
+    np.testing.assert_allclose(rgb[..., 0], np.round(levels / 257), atol=0)
+
+
+def naive_ssim(x, y, window=7):
+    """skimage's default SSIM written with explicit windows (one image, one channel)."""
+    H, W = x.shape
+    values = []
+    for i in range(H - window + 1):
+        for j in range(W - window + 1):
+            a, b = x[i:i + window, j:j + window].flatten(), y[i:i + window, j:j + window].flatten()
+            cov = np.cov(np.stack([a, b]))  # sample covariance (N - 1)
+            ma, mb = a.mean(), b.mean()
+            c1, c2 = 0.01 ** 2, 0.03 ** 2
+            values.append((2 * ma * mb + c1) * (2 * cov[0, 1] + c2)
+                          / ((ma ** 2 + mb ** 2 + c1) * (cov[0, 0] + cov[1, 1] + c2)))
+    return np.mean(values)
+
+
+def test_ssim_psnr_and_uint8_levels_follow_simvqs_evaluation():
+    torch.manual_seed(14)
+    x, y = torch.rand(2, 3, 12, 11), torch.rand(2, 3, 12, 11)
+    got = metrics.ssim(x, y)
+    for i in range(2):
+        expected = np.mean([naive_ssim(x[i, c].double().numpy(), y[i, c].double().numpy()) for c in range(3)])
+        assert float(got[i]) == pytest.approx(expected, rel=1e-9)
+    assert torch.allclose(metrics.ssim(x, x), torch.ones(2, dtype=torch.float64))
+    levels = metrics.to_uint8_levels(torch.tensor([0.0, 0.5, 254.9 / 255, 1.0]))
+    assert torch.equal(levels * 255, torch.tensor([0.0, 127.0, 254.0, 255.0]))  # truncation, as (x*255).to(uint8)
+    big, small = torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 8, 8)
+    small[0] = 0.1  # one image off by 0.1: the batch MSE is 0.01 / 4
+    assert float(metrics.psnr_of_batch(big, small)) == pytest.approx(10 * math.log10(400), rel=1e-6)
 
 
 def test_frechet_distance_matches_the_closed_form_for_diagonal_covariances():
@@ -760,16 +1052,40 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_covariances():
     torch.testing.assert_close(mu, f.mean(0))
 
 
-def test_image_metrics_psnr_ssim_lpips_and_inception_shapes():
+def test_lpips_networks_and_inception_shapes():
     torch.manual_seed(14)
-    x = torch.rand(2, 3, 32, 32)
-    assert torch.allclose(metrics.ssim(x, x), torch.ones(2))
-    assert metrics.ssim(x, torch.rand(2, 3, 32, 32)).max() < 0.5
-    assert metrics.psnr(x, x * 0 + x + 0.1).sub(20).abs().max() < 1e-3  # mse 0.01 -> 20 dB
-    lpips = metrics.LPIPS("random", "random")
-    assert lpips(x * 2 - 1, x * 2 - 1).abs().max() == 0
-    assert (lpips(x * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1) > 0).all()
-    assert metrics.InceptionFID("random")(x).shape == (2, 2048)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    for net in ("vgg", "alex"):
+        lpips = metrics.LPIPS(net, "random")
+        assert lpips(x, x).abs().max() == 0
+        assert (lpips(x, torch.rand(2, 3, 64, 64) * 2 - 1) != 0).all()
+    alex = metrics.LPIPS("alex", "random")
+    assert [alex.features[i].out_channels for i in (0, 3, 6, 8, 10)] == [64, 192, 384, 256, 256]
+    assert metrics.InceptionFID("random")(torch.rand(2, 3, 32, 32)).shape == (2, 2048)
+
+
+def test_missing_lpips_weights_stop_the_run_before_its_first_step_naming_the_flag(tmp_path):
+    empty = tmp_path / "weights"
+    empty.mkdir()
+    with pytest.raises(metrics.WeightsError, match="--lpips-weights .*vgg16-397923af.pth"):
+        train_imagenet.main(tiny_imagenet(tmp_path, perceptual_weight=1.0, lpips_weights=str(empty)))
+    with pytest.raises(ValueError, match="--perceptual-weight 0"):
+        train_imagenet.main(tiny_imagenet(tmp_path, perceptual_weight=1.0, lpips_weights="random"))
+    with pytest.raises(metrics.WeightsError, match="--inception"):
+        train_imagenet.main(tiny_imagenet(tmp_path, inception=str(empty / "missing.pth")))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step was taken
+    bad = subprocess.run([sys.executable, "train_imagenet.py", "--preset", "tiny", "--data",
+                          str(tmp_path / "data"), "--device", "cpu", "--out", str(tmp_path / "o"),
+                          "--inception", str(empty)], cwd=HERE, capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0  # one line
+    assert "pt_inception-2015-12-05-6726825d.pth" in bad.stderr
+
+
+def test_bench_imagenet_quick_times_the_trainers_own_step():
+    out = subprocess.run([sys.executable, "bench.py", "--imagenet", "--quick", "--repeats", "1",
+                          "--batch", "2"], cwd=HERE, capture_output=True, text=True, check=True,
+                         timeout=600).stdout
+    assert "train_step" in out and "NSVQ / SimVQ, bf16 eager" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -778,3 +1094,158 @@ def test_scripts_refuse_a_device_that_is_not_there(tmp_path):
         train_mnist.main(tiny_config(tmp_path, device="cuda"))
     with pytest.raises(ValueError, match="not available"):
         train_imagenet.main(tiny_imagenet(tmp_path, device="cuda"))
+
+
+# --- 8. bad input: a clear error, and nothing half-written ---------------------------------
+
+@pytest.mark.parametrize("overrides, error", [
+    (dict(tau=float("inf")), "tau"), (dict(tau=float("nan")), "tau"), (dict(tau=1e-40), "tau"),
+    (dict(ema_decay=1.5), "--ema-decay"), (dict(beta=-1.0), "--beta"), (dict(lr=float("nan")), "--lr"),
+    (dict(probe_every=0), "--probe-every"), (dict(batch_size=0), "--batch-size"),
+    (dict(usage_horizon=0.0), "--usage-horizon"), (dict(tau_mode="adaptive"), "--tau-mode"),
+])
+def test_mnist_options_are_checked_where_they_are_parsed(tmp_path, overrides, error):
+    with pytest.raises(ValueError, match=error):
+        train_mnist.resolve(tiny_config(tmp_path, **overrides))
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (dict(tau=float("inf")), "tau"), (dict(log_every=0), "--log-every"), (dict(batch_size=0), "--batch-size"),
+    (dict(max_eval_images=-5), "--max-eval-images"), (dict(lr=float("nan")), "--lr"),
+    (dict(image_size=0), "--image-size"), (dict(ch_mult="1,a"), "--ch-mult"), (dict(epochs=0), "--epochs"),
+    (dict(ema_decay=1.5), "--ema-decay"), (dict(weight_ema=1.0), "--weight-ema"),
+    (dict(image_size=33), "--image-size 33 is not divisible"),
+])
+def test_imagenet_options_are_checked_where_they_are_parsed(tmp_path, overrides, error):
+    with pytest.raises(ValueError, match=error):
+        train_imagenet.resolve(tiny_imagenet(tmp_path, **overrides))
+
+
+def test_mnist_batch_larger_than_the_training_split_is_an_error_not_an_empty_run(tmp_path):
+    with pytest.raises(ValueError, match="larger than the training split"):
+        train_mnist.main(tiny_config(tmp_path, batch_size=1000))
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+@pytest.mark.parametrize("script", ["mnist", "imagenet"])
+def test_a_full_disk_gives_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch, script):
+    module = train_mnist if script == "mnist" else train_imagenet
+    path = str(tmp_path / "ckpt.pt")
+    obj = {"w": torch.zeros(1000)}
+    monkeypatch.setattr(module.shutil, "disk_usage", lambda p: shutil_usage(free=1000))
+    with pytest.raises(module.OutputError, match=r"ckpt.pt: 0 MiB free .* about 1 MiB needed"):
+        module.save_atomic(obj, path)
+    monkeypatch.undo()
+
+    def torch_save_fails_halfway(o, f):  # what torch's writer does when the disk fills up
+        open(f, "wb").write(b"x" * 100)
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    monkeypatch.setattr(module.torch, "save", torch_save_fails_halfway)
+    with pytest.raises(module.OutputError, match="writing .*ckpt.pt failed .*file write failed.*MiB free"):
+        module.save_atomic(obj, path)
+    assert os.listdir(tmp_path) == []  # no ckpt.pt, no ckpt.pt.tmp<pid>
+
+
+def shutil_usage(free):
+    import collections
+    return collections.namedtuple("usage", "total used free")(10 ** 12, 10 ** 12 - free, free)
+
+
+def test_an_interrupted_figure_write_leaves_no_temporary_file(tmp_path):
+    class Interrupting:
+        def savefig(self, path, **kwargs):
+            open(path, "wb").write(b"half a png")
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train_mnist.savefig_atomic(Interrupting(), str(tmp_path / "curves.png"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_imagenet_checkpoints_that_are_truncated_foreign_or_not_torch_files_get_one_line(tmp_path):
+    train_imagenet.main(tiny_imagenet(tmp_path, epochs=1))
+    good = train_imagenet.checkpoints(str(tmp_path / "run"))[-1]
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(open(good, "rb").read()[:5000])
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    mnist = tmp_path / "mnist.pt"
+    train_mnist.main(tiny_config(tmp_path / "m", epochs=1))
+    mnist.write_bytes((tmp_path / "m" / "run" / "ckpt.pt").read_bytes())
+    for path, error in ((text, "not a readable checkpoint"), (truncated, "not a readable checkpoint"),
+                        (other, "not a train_imagenet.py checkpoint"), (mnist, r"it holds: train_mnist")):
+        with pytest.raises(train_imagenet.OutputError, match=error):
+            train_imagenet.main(tiny_imagenet(tmp_path, resume=str(path)))
+    with pytest.raises(train_mnist.OutputError, match="not a train_mnist.py checkpoint"):
+        train_mnist.main(tiny_config(tmp_path / "m", resume=good))
+
+
+def test_imagenet_resume_auto_falls_back_to_the_newest_intact_checkpoint(tmp_path, capsys):
+    train_imagenet.main(tiny_imagenet(tmp_path, epochs=2))  # checkpoints at steps 3 and 6
+    older, newest = train_imagenet.checkpoints(str(tmp_path / "run"))
+    open(newest, "wb").write(open(newest, "rb").read()[:1000])  # cut short by a crash
+    result = train_imagenet.main(tiny_imagenet(tmp_path, epochs=2, resume="auto"))
+    assert "trying an older checkpoint" in capsys.readouterr().out
+    assert result["steps"] == 6  # resumed from step 3 and trained the second epoch again
+
+
+@pytest.mark.parametrize("script", ["mnist", "imagenet"])
+def test_out_that_is_a_file_or_not_writable_is_refused(tmp_path, script):
+    module, config = (train_mnist, tiny_config) if script == "mnist" else (train_imagenet, tiny_imagenet)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(module.OutputError, match="is a file"):
+        module.main(config(tmp_path, out=str(tmp_path / "file")))
+    locked = str(tmp_path / "locked")  # a read-only mount (root ignores chmod, so the check is faked)
+    os.makedirs(locked)
+    real_access = os.access
+    with pytest.MonkeyPatch.context() as mp_:
+        mp_.setattr(module.os, "access", lambda p, mode: False if p == locked else real_access(p, mode))
+        with pytest.raises(module.OutputError, match="not writable"):
+            module.main(config(tmp_path, out=locked))
+
+
+def test_imagenet_prepare_into_a_file_and_an_all_corrupt_folder_give_one_line(tmp_path):
+    data = make_image_folder(str(tmp_path / "data"), broken=False)
+    (tmp_path / "packed").write_text("")
+    with pytest.raises(train_imagenet.OutputError, match="--packed .* is a file"):
+        train_imagenet.main(tiny_imagenet(tmp_path, data=data, packed=str(tmp_path / "packed"), prepare=True))
+    for path in glob.glob(os.path.join(data, "train", "*", "*")):
+        open(path, "wb").write(b"broken")
+    cmd = [sys.executable, "train_imagenet.py", "--preset", "tiny", "--data", data, "--device", "cpu",
+           "--out", str(tmp_path / "o"), "--workers", "2", "--quiet"]
+    run = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 24 unreadable images in a row"), run.stderr[-1500:]
+    assert "Traceback" not in run.stderr
+
+
+def test_mnist_unreadable_and_empty_idx_files_get_clear_errors(tmp_path):
+    cfg = tiny_config(tmp_path)
+    path = os.path.join(cfg.data, "t10k-images-idx3-ubyte.gz")
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">IIII", 2051, 0, 28, 28))
+    with pytest.raises(train_mnist.DataError, match="holds no images"):
+        train_mnist.load_split(cfg, "test")
+    real_access = os.access
+    with pytest.MonkeyPatch.context() as mp_:  # an unreadable file (root ignores chmod, so it is faked)
+        mp_.setattr(train_mnist.os, "access", lambda p, mode: False if p == path else real_access(p, mode))
+        with pytest.raises(train_mnist.DataError, match="permission denied"):
+            train_mnist.load_split(cfg, "test")
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--repeats", "0"], "--repeats must be >= 1"), (["--json", "/nonexistent/dir/out.json"], "cannot write"),
+    (["--sim-steps", "5", "--scale-sim"], "--sim-steps"), (["--relative-tau", "nan"], "--relative-tau"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device")]))
+def test_bench_checks_its_options_before_running(args, error):
+    run = subprocess.run([sys.executable, "bench.py", *args], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and error in run.stderr and "Traceback" not in run.stderr
+
+
+def test_nsvq_demo_help_prints_usage_and_runs_nothing(tmp_path):
+    run = subprocess.run([sys.executable, os.path.join(HERE, "nsvq.py"), "--help"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "usage:" in run.stdout and "--out" in run.stdout
+    assert os.listdir(tmp_path) == []

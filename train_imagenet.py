@@ -11,8 +11,9 @@ train_imagenet.py -- the full-scale NSVQ recipe: ImageNet-1k at 128x128, K = 65,
 --data holds train/<wnid>/*.JPEG and val/<wnid>/*.JPEG. --batch-size is the global batch.
 Outputs in --out (default runs/imagenet/<quantizer>): ckpt-*.pt, metrics.jsonl, recon-*.png,
 results.json. A checkpoint is a tokenizer: see load_autoencoder() and the README.
+Offline, pass the evaluation and LPIPS weights as files: --lpips-weights DIR, --inception FILE.
 This is the twin of train_mnist.py: same helpers, same loop phases, plus what scale adds
-(DDP, bf16, torch.compile, exact resume, preemption, LPIPS/GAN, rFID).
+(DDP, bf16, torch.compile, packed data, exact resume, preemption, LPIPS, rFID).
 """
 
 import copy
@@ -22,6 +23,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -50,62 +52,70 @@ class Config:
     packed: str = ""                     # folder of packed uint8 arrays (--prepare writes it)
     prepare: bool = False                # pack --data into --packed, then exit
     image_size: int = 128                # SimVQ's ImageNet setting
-    workers: int = 8                     # DataLoader workers per rank (README: loader throughput)
+    workers: int = 8                     # DataLoader workers per rank (EXPERIMENTS.md: loader)
     out: Optional[str] = None            # output folder (default runs/imagenet/<quantizer>)
+    overwrite: bool = False              # start afresh in an --out that holds an earlier run
     preset: str = "paper"                # paper | tiny (a CPU-sized model for tests)
-    # model: VQGAN-style, as SimVQ's ImageNet config
-    ch: int = 128                        # base channels (SimVQ)
-    ch_mult: str = "1,2,2,4"             # per level; 128 -> 16x16 tokens (SimVQ)
-    num_res_blocks: int = 2              # per level (SimVQ)
-    dim: int = 128                       # D, code dimension (SimVQ)
+    preset_applied: bool = False         # internal: True once the preset's values are filled in
+    # model: SimVQ's ImageNet-128 encoder and decoder
+    ch: int = 128                        # base channels
+    ch_mult: str = "1,2,2,4"             # per level; 128 -> 16x16 tokens
+    num_res_blocks: int = 2              # per level, and in the middle
+    dim: int = 128                       # D, code dimension
     # quantizer
     quantizer: str = "nsvq"              # nsvq | simvq | ema | ste
     codebook_size: int = 65536           # K (the paper's headline)
     beta: float = 0.25                   # commitment weight (VQ-VAE; SimVQ)
     ema_decay: float = 0.99              # EMAVectorQuantizer decay (VQ-VAE-2)
     alpha: float = 0.1                   # dense-loss weight (the paper, as best known)
-    tau: float = 0.35                    # kernel temperature (the paper, as best known)
+    tau: float = 1.0                     # kernel temperature, in units given by tau_mode
+    tau_mode: str = "relative"           # relative: units of the batch's mean squared distance to the
+                                         # nearest code (scale-free; chosen by the scale simulation)
+                                         # | absolute: squared-distance units (the paper's 0.35)
     weighting: str = "softmax"           # softmax (paper) | clamped (authors' earlier code)
     lam: float = 0.01                    # clamp scale for weighting=clamped
     replace_from: str = "latents"        # latents (authors' earlier code) | codes (paper)
-    threshold: float = 0.01              # dead = usage below threshold / K (measured on MNIST)
-    usage_decay: float = 0.9             # usage EMA decay per step (measured on MNIST)
-    replace_every: int = 1               # replacement cadence in steps (measured on MNIST)
-    # losses (SimVQ's recipe unless noted)
+    threshold: float = 0.01              # dead = usage below threshold / K
+    usage_horizon: float = 64.0          # usage memory in expected assignments per code (scale-free)
+    replace_every: int = 10              # steps between replacement calls (each waits on the device
+                                         # once); 5 expected assignments per code at the paper's scale
+    # losses (SimVQ's recipe)
     l1_weight: float = 1.0               # pixel L1
-    lpips_weight: float = 1.0            # LPIPS-VGG perceptual loss
-    gan_weight: float = 0.1              # PatchGAN, non-saturating G / hinge D
-    # stages (nsvq only; other quantizers stay in stage 1)
+    perceptual_weight: float = 1.0       # LPIPS-VGG training loss; 0 trains without it
+    gan_weight: float = 0.1              # generator's adversarial weight (PatchGAN, hinge critic)
+    # stages (nsvq only; the baselines train in one stage, as published)
     patience: int = 10                   # epochs without a new best commitment loss (paper)
-    freeze_epoch: Optional[int] = 60     # freeze by then at the latest (ours: leaves 2 warm-up + 8 stage-2 epochs of 70)
+    freeze_epoch: Optional[int] = 60     # freeze by then at the latest (ours; 0: plateau only)
     warmup_epochs: int = 2               # encoder frozen, no GAN (ours: the paper gives none)
     gan_ramp_epochs: int = 2             # stage-2 GAN ramp (paper)
-    # optimisation (SimVQ)
-    epochs: int = 70
+    # optimisation
+    epochs: int = 70                     # (the paper, as best known; SimVQ's config: 50)
     batch_size: int = 128                # global batch, split evenly across ranks
-    lr: float = 1e-4                     # Adam, no schedule
-    beta1: float = 0.5
-    beta2: float = 0.9
-    weight_ema: float = 0.999            # EMA of the weights, used for evaluation
+    lr: float = 1e-4                     # Adam, no schedule (SimVQ)
+    beta1: float = 0.5                   # (SimVQ)
+    beta2: float = 0.9                   # (SimVQ)
+    weight_ema: float = 0.999            # EMA of the weights, used for evaluation (SimVQ uses one)
     # engine
     device: str = "auto"                 # auto | cpu | cuda
-    amp: str = "bf16"                    # bf16 | fp16 (GradScaler) | none
+    amp: str = "bf16"                    # bf16 | fp16 (loss scaling, as SimVQ's 16-mixed) | none
     compile: bool = True                 # torch.compile the autoencoder and the critic
     seed: int = 0
-    resume: str = ""                     # '' | auto (newest checkpoint in --out) | a path
+    resume: str = ""                     # '' | auto (newest intact checkpoint in --out) | a path
     max_steps: int = 0                   # stop (with a checkpoint) after this many steps; 0: no limit
     ckpt_every: int = 2000               # steps between checkpoints (also at stage changes)
     keep_ckpts: int = 2                  # how many checkpoints to keep
-    log_every: int = 100                 # steps between log lines
-    max_bad_steps: int = 20              # non-finite losses in a row before stopping
-    check_codebook: bool = False         # debug: compare codebook checksums across ranks at each log
-    # evaluation
+    log_every: int = 100                 # steps between log lines (the only reads from the device)
+    max_bad_steps: int = 20              # stop when this many steps in a row had a non-finite loss
+    check_codebook: bool = False         # debug: compare the quantizer across ranks at each log line
+    # evaluation (SimVQ's protocol; README)
     eval_only: bool = False              # evaluate the checkpoint given by --resume, then exit
-    eval_batch: int = 64                 # per rank
+    eval_batch: int = 64                 # per rank; PSNR is averaged over batches of this size
     eval_every: int = 10                 # epochs between evaluations (and always at the end)
     max_eval_images: int = 0             # 0: the whole val split (50k)
-    lpips_weights: str = "auto"          # auto (download) | PATH folder with vgg16-397923af.pth, vgg.pth | random | none
-    inception: str = "auto"              # auto (download) | PATH to pt_inception-2015-12-05-6726825d.pth | random | none
+    lpips_weights: str = "auto"          # auto (download) | DIR with the LPIPS files | random (tests)
+    eval_lpips: bool = True              # report LPIPS-AlexNet and LPIPS-VGG
+    inception: str = "auto"              # auto (download) | FILE pt_inception-2015-12-05-6726825d.pth
+                                         # | none (no rFID) | random (tests)
     bench_loader: int = 0                # time this many loader batches, then exit
     quiet: bool = False                  # no progress bars
 
@@ -114,9 +124,16 @@ PRESETS = {
     "paper": {},
     "tiny": dict(image_size=32, ch=16, ch_mult="1,2", num_res_blocks=1, dim=8, codebook_size=256,
                  epochs=3, batch_size=8, freeze_epoch=1, warmup_epochs=1, gan_ramp_epochs=1,
-                 workers=0, compile=False, lpips_weights="none", inception="none", log_every=2,
-                 ckpt_every=1000, eval_batch=8),
+                 workers=0, compile=False, perceptual_weight=0.0, eval_lpips=False, inception="none",
+                 log_every=2, replace_every=1, ckpt_every=1000, eval_batch=8),
 }
+QUANTIZERS = ("nsvq", "simvq", "ema", "ste")
+
+
+def make_config(preset="paper", **changes):
+    """A Config from a preset, with `changes` taking precedence (what --preset and flags do)."""
+    nsvq.check_choice("preset", preset, tuple(PRESETS))
+    return Config(**{**PRESETS[preset], **changes, "preset": preset, "preset_applied": True})
 
 
 # -----------------------------------------------------------------------------
@@ -127,7 +144,7 @@ class DataError(RuntimeError):
     """The data folder is missing, empty, or not what the config expects."""
 
 
-IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
+IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def list_images(root, split):
@@ -140,25 +157,47 @@ def list_images(root, split):
     return files
 
 
+def read_rgb(path):
+    """An image file as 8-bit RGB. 16-bit grey images are scaled (65535 -> 255), not clipped
+    as Pillow's convert("RGB") would; float images are refused with a ValueError."""
+    with Image.open(path) as img:
+        if img.mode in ("I;16", "I;16L", "I;16B", "I"):
+            levels = np.asarray(img, dtype=np.float64)
+            if levels.min() < 0 or levels.max() > 65535:
+                raise ValueError(f"{img.mode} image with values outside 0..65535")
+            img = Image.fromarray(np.round(levels / 257).astype(np.uint8), "L")
+        elif img.mode == "F":
+            raise ValueError("32-bit float images are not supported")
+        return img.convert("RGB")
+
+
 def resize_and_crop(img, size, offset_rng=None):
-    """Resize the shorter side to `size` (bicubic), then a random (train) or centre (val) crop."""
+    """torchvision's Resize(size) + RandomCrop(size) (train) or CenterCrop(size) (val) on a
+    Pillow image, as SimVQ's loader: bilinear (Pillow's, antialiased), the short side to
+    `size`, the long side to int(size * long / short); the centre crop rounds its offset."""
     w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    if w <= h:
+        new = (size, int(size * h / w))
+    else:
+        new = (int(size * w / h), size)
+    if new != (w, h):
+        img = img.resize(new, Image.BILINEAR)
     w, h = img.size
     if offset_rng is None:
-        left, top = (w - size) // 2, (h - size) // 2
+        left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
     else:
         left, top = offset_rng.randint(0, w - size), offset_rng.randint(0, h - size)
     return img.crop((left, top, left + size, top + size))
 
 
 class ImageFolder(Dataset):
-    """Items are (index, epoch) keys from EpochSampler -> (uint8 image (3, S, S), images skipped).
+    """Items are (index, epoch) keys from a sampler -> (uint8 image (3, S, S), images skipped).
 
     The random crop is a function of (seed, epoch, index), so a resumed run sees the same crops.
-    An unreadable file is skipped (the next file is used instead) and counted, never fatal.
+    An unreadable file is replaced by the next one, named in a warning and counted.
     """
+
+    MAX_SKIP = 100
 
     def __init__(self, root, split, size, train, seed):
         self.files, self.size, self.train, self.seed = list_images(root, split), size, train, seed
@@ -168,17 +207,18 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, key):
         index, epoch = key
-        for skipped in range(min(len(self.files), 100)):
+        tries = min(len(self.files), self.MAX_SKIP)
+        for skipped in range(tries):
             path = self.files[(index + skipped) % len(self.files)]
             try:
-                with Image.open(path) as img:
-                    img = img.convert("RGB")
-            except (OSError, ValueError, Image.DecompressionBombError):
+                img = read_rgb(path)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                print(f"warning: skipping {path}: {e}", file=sys.stderr)
                 continue
             rng = random.Random(hash((self.seed, epoch, index))) if self.train else None
             array = np.asarray(resize_and_crop(img, self.size, rng))
             return torch.from_numpy(array.copy()).permute(2, 0, 1), skipped
-        raise DataError(f"100 unreadable images in a row from {self.files[index]}: is --data right?")
+        raise DataError(f"{tries} unreadable images in a row from {self.files[index]}: is --data right?")
 
 
 class PackedImages(Dataset):
@@ -188,15 +228,20 @@ class PackedImages(Dataset):
         meta_path = os.path.join(folder, f"{split}.json")
         if not os.path.isfile(meta_path):
             raise DataError(f"no {meta_path}: run with --prepare first")
-        meta = json.load(open(meta_path))
-        if meta["size"] != size:
-            raise DataError(f"{folder}/{split}: packed at {meta['size']}px, config wants {size}px")
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            n, packed_size = int(meta["n"]), int(meta["size"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{meta_path} is not a packing record ({e}); run --prepare again") from None
+        if packed_size != size:
+            raise DataError(f"{folder}/{split}: packed at {packed_size}px, config wants {size}px")
         path = os.path.join(folder, f"{split}.u8")
-        expected = meta["n"] * size * size * 3
+        expected = n * size * size * 3
         if not os.path.isfile(path) or os.path.getsize(path) != expected:
-            raise DataError(f"{path}: expected {expected} bytes for {meta['n']} images, "
+            raise DataError(f"{path}: expected {expected} bytes for {n} images, "
                             f"found {os.path.getsize(path) if os.path.isfile(path) else 'no file'}")
-        self.array = np.memmap(path, dtype=np.uint8, mode="r", shape=(meta["n"], size, size, 3))
+        self.array = np.memmap(path, dtype=np.uint8, mode="r", shape=(n, size, size, 3))
 
     def __len__(self):
         return len(self.array)
@@ -206,138 +251,165 @@ class PackedImages(Dataset):
 
 
 class EpochSampler(Sampler):
-    """This rank's share of one epoch as (index, epoch) keys; deterministic and resumable.
+    """This rank's share of one training epoch as (index, epoch) keys; deterministic, resumable.
 
-    Training: every rank draws the same permutation (seed + epoch), keeps whole global
-    batches (the tail is dropped) and takes every world-th index; set_epoch(epoch, start_batch)
-    skips the global batches a resumed run has already done. Evaluation: all n images in
-    order, every world-th to this rank.
+    Every rank draws the same permutation (seed + epoch), keeps whole global batches (the tail
+    is dropped) and takes every world-th index; set_epoch(epoch, start_batch) skips the global
+    batches a resumed run has already done.
     """
 
-    def __init__(self, n, rank, world, local_batch, seed, train):
+    def __init__(self, n, rank, world, local_batch, seed):
         self.n, self.rank, self.world, self.local_batch = n, rank, world, local_batch
-        self.seed, self.train, self.epoch, self.start = seed, train, 0, 0
-        self.batches = n // (world * local_batch)  # global batches per training epoch
-        if self.batches == 0 and train:
+        self.seed, self.epoch, self.start = seed, 0, 0
+        self.batches = n // (world * local_batch)  # global batches per epoch
+        if self.batches == 0:
             raise DataError(f"{n} training images are fewer than one global batch ({world * local_batch})")
 
     def set_epoch(self, epoch, start_batch=0):
         self.epoch, self.start = epoch, start_batch
 
     def __iter__(self):
-        if not self.train:
-            return iter([(i, 0) for i in range(self.rank, self.n, self.world)])
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         mine = order[: self.batches * self.world * self.local_batch][self.rank::self.world]
         return iter([(int(i), self.epoch) for i in mine[self.start * self.local_batch:]])
 
     def __len__(self):
-        if not self.train:
-            return len(range(self.rank, self.n, self.world))
         return (self.batches - self.start) * self.local_batch
 
 
+def eval_batches(n, batch, rank, world):
+    """Batches of `batch` consecutive images (as SimVQ's evaluation reads the val split),
+    dealt round-robin to the ranks: batch b goes to rank b % world. Lists of (index, 0) keys."""
+    batches = [[(i, 0) for i in range(start, min(start + batch, n))] for start in range(0, n, batch)]
+    return batches[rank::world]
+
+
 def make_loader(cfg, split, rank, world, train):
-    local_batch = cfg.batch_size // world if train else cfg.eval_batch
     if cfg.packed and not cfg.prepare:
         dataset = PackedImages(cfg.packed, split, cfg.image_size)
     else:
         dataset = ImageFolder(cfg.data, split, cfg.image_size, train, cfg.seed)
-    n = min(cfg.max_eval_images, len(dataset)) if not train and cfg.max_eval_images else len(dataset)
-    sampler = EpochSampler(n, rank, world, local_batch, cfg.seed, train=train)
-    # Its own generator: a DataLoader iterator otherwise draws its worker seed from the global
-    # RNG, and a resumed run would create that iterator at a different point of the RNG stream.
-    return DataLoader(dataset, local_batch, sampler=sampler, num_workers=cfg.workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=cfg.workers > 0,
-                      drop_last=train, generator=torch.Generator().manual_seed(cfg.seed))
+    common = dict(num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=cfg.workers > 0,
+                  # Its own generator: a DataLoader iterator otherwise draws its worker seed from the
+                  # global RNG, and a resumed run would create it at another point of that stream.
+                  generator=torch.Generator().manual_seed(cfg.seed))
+    if not train:
+        n = min(cfg.max_eval_images or len(dataset), len(dataset))
+        return DataLoader(dataset, batch_sampler=eval_batches(n, cfg.eval_batch, rank, world), **common)
+    local_batch = cfg.batch_size // world
+    sampler = EpochSampler(len(dataset), rank, world, local_batch, cfg.seed)
+    return DataLoader(dataset, local_batch, sampler=sampler, drop_last=True, **common)
 
 
 def prepare(cfg):
     """Pack train and val once into uint8 arrays (Resize + CenterCrop) for memory-mapped reading.
 
     Packed training data has no random crop (every image is its centre crop): the price of
-    not decoding JPEGs every epoch. Written to a temporary name and renamed when complete.
+    not decoding JPEGs every epoch. Written to temporary names and renamed when complete.
     """
+    if os.path.exists(cfg.packed) and not os.path.isdir(cfg.packed):
+        raise OutputError(f"--packed {cfg.packed} is a file, not a folder")
     os.makedirs(cfg.packed, exist_ok=True)
     for split in ("val", "train"):
         dataset = ImageFolder(cfg.data, split, cfg.image_size, train=False, seed=cfg.seed)
         S, n = cfg.image_size, len(dataset)
         path = os.path.join(cfg.packed, f"{split}.u8")
-        out = np.memmap(path + ".tmp", dtype=np.uint8, mode="w+", shape=(n, S, S, 3))
-        loader = DataLoader(dataset, 256, sampler=[(i, 0) for i in range(n)], num_workers=cfg.workers)
-        done, skipped = 0, 0
-        for images, skips in tqdm(loader, desc=f"packing {split}", disable=cfg.quiet):
-            out[done:done + len(images)] = images.permute(0, 2, 3, 1).numpy()
-            done, skipped = done + len(images), skipped + int(skips.sum())
-        out.flush()
-        del out
-        os.replace(path + ".tmp", path)
+        check_free_space(path, n * S * S * 3)
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(n, S, S, 3))
+            loader = DataLoader(dataset, 256, sampler=[(i, 0) for i in range(n)], num_workers=cfg.workers)
+            done, skipped = 0, 0
+            for images, skips in tqdm(loader, desc=f"packing {split}", disable=cfg.quiet):
+                out[done:done + len(images)] = images.permute(0, 2, 3, 1).numpy()
+                done, skipped = done + len(images), skipped + int(skips.sum())
+            out.flush()
+            del out
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         write_json_atomic({"n": n, "size": S, "skipped": skipped}, os.path.join(cfg.packed, f"{split}.json"))
         print(f"packed {n} {split} images into {path} ({skipped} unreadable files replaced)")
 
 
+def to_model_range(images):
+    """uint8 images (B, 3, S, S) -> float32 in [-1, 1], as SimVQ's loader computes it
+    (u / 127.5 - 1 in float64, then float32), so evaluation sees the same numbers."""
+    return (images.double() / 127.5 - 1.0).float()
+
+
 # -----------------------------------------------------------------------------
-# Model: VQGAN-style encoder / decoder (GroupNorm + SiLU, no attention) and a PatchGAN critic
+# Model: SimVQ's ImageNet-128 encoder / decoder (GroupNorm + SiLU, no attention), a PatchGAN
 # -----------------------------------------------------------------------------
 
 def Norm(c):
-    return nn.GroupNorm(math.gcd(32, c), c, eps=1e-6)
+    return nn.GroupNorm(math.gcd(32, c), c, eps=1e-6)  # 32 groups at every width of the paper preset
 
 
 class ResBlock(nn.Module):
+    """GroupNorm, SiLU, conv 3x3 (twice), with a 1x1 conv skip when the width changes; no biases
+    in the convolutions (the GroupNorms carry them), as SimVQ's ResBlock."""
+
     def __init__(self, c_in, c_out):
         super().__init__()
-        self.block = nn.Sequential(Norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, 1, 1),
-                                   Norm(c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, 1, 1))
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.block = nn.Sequential(Norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False),
+                                   Norm(c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False))
+        self.skip = nn.Conv2d(c_in, c_out, 1, bias=False) if c_in != c_out else nn.Identity()
 
     def forward(self, x):
         return self.skip(x) + self.block(x)
 
 
 class Upsample(nn.Module):
+    """x2 by a conv to 4C channels and depth-to-space, as SimVQ's decoder. (Their depth-to-space
+    orders the channels differently from pixel_shuffle; with i.i.d. initial weights the two are
+    the same model up to a permutation of this conv's output channels.)"""
+
     def __init__(self, c):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, 1, 1)
+        self.conv = nn.Conv2d(c, 4 * c, 3, 1, 1)
 
     def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return F.pixel_shuffle(self.conv(x), 2)
 
 
 def make_quantizer(cfg):
     K, D = cfg.codebook_size, cfg.dim
-    upkeep = dict(replace_from=cfg.replace_from, usage_decay=cfg.usage_decay)
+    upkeep = dict(beta=cfg.beta, replace_from=cfg.replace_from, usage_horizon=cfg.usage_horizon)
     if cfg.quantizer == "ste":
-        return nsvq.VectorQuantizer(K, D, cfg.beta, **upkeep)
+        return nsvq.VectorQuantizer(K, D, **upkeep)
     if cfg.quantizer == "ema":
-        return nsvq.EMAVectorQuantizer(K, D, cfg.beta, decay=cfg.ema_decay, **upkeep)
+        return nsvq.EMAVectorQuantizer(K, D, decay=cfg.ema_decay, **upkeep)
     if cfg.quantizer == "simvq":
-        return nsvq.SimVQ(K, D, cfg.beta, usage_decay=cfg.usage_decay)
-    if cfg.quantizer == "nsvq":
-        return nsvq.NSVQ(K, D, cfg.beta, cfg.alpha, cfg.tau, cfg.weighting, cfg.lam, **upkeep)
-    raise ValueError(f"unknown quantizer {cfg.quantizer!r}; expected ste, ema, simvq or nsvq")
+        return nsvq.SimVQ(K, D, beta=cfg.beta, usage_horizon=cfg.usage_horizon)
+    return nsvq.NSVQ(K, D, alpha=cfg.alpha, tau=cfg.tau, tau_mode=cfg.tau_mode,
+                     weighting=cfg.weighting, lam=cfg.lam, **upkeep)
 
 
 class Autoencoder(nn.Module):
-    """Images (B, 3, S, S) in [-1, 1] -> latents (B, D, S/f, S/f) -> quantizer -> images."""
+    """Images (B, 3, S, S) in [-1, 1] -> latents (B, D, S/f, S/f) -> quantizer -> images,
+    f = 2^(len(ch_mult) - 1). The layout of SimVQ's ImageNet-128 model (configs/
+    imagenet_simvq_128_B.yaml, its improved_model Encoder / Decoder)."""
 
     def __init__(self, cfg):
         super().__init__()
-        mult = [int(m) for m in cfg.ch_mult.split(",")]
-        chans = [cfg.ch * m for m in mult]
-        enc, c = [nn.Conv2d(3, cfg.ch, 3, 1, 1)], cfg.ch
+        chans = [cfg.ch * int(m) for m in cfg.ch_mult.split(",")]
+        n = cfg.num_res_blocks
+        enc, c = [nn.Conv2d(3, cfg.ch, 3, 1, 1, bias=False)], cfg.ch
         for level, c_out in enumerate(chans):
-            for _ in range(cfg.num_res_blocks):
+            for _ in range(n):
                 enc.append(ResBlock(c, c_out))
                 c = c_out
             if level < len(chans) - 1:
                 enc.append(nn.Conv2d(c, c, 3, 2, 1))  # downsample x2
-        enc += [ResBlock(c, c), ResBlock(c, c), Norm(c), nn.SiLU(), nn.Conv2d(c, cfg.dim, 1)]
+        enc += [ResBlock(c, c) for _ in range(n)] + [Norm(c), nn.SiLU(), nn.Conv2d(c, cfg.dim, 1)]
         self.encoder = nn.Sequential(*enc)
         self.vq = make_quantizer(cfg)
-        dec = [nn.Conv2d(cfg.dim, c, 3, 1, 1), ResBlock(c, c), ResBlock(c, c)]
+        dec = [nn.Conv2d(cfg.dim, c, 3, 1, 1)] + [ResBlock(c, c) for _ in range(n)]
         for level in reversed(range(len(chans))):
-            for _ in range(cfg.num_res_blocks):
+            for _ in range(n):
                 dec.append(ResBlock(c, chans[level]))
                 c = chans[level]
             if level > 0:
@@ -352,17 +424,18 @@ class Autoencoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, images):
-        """Images (B, 3, S, S) in [-1, 1] -> code indices (B, S/8, S/8)."""
+        """Images (B, 3, S, S) in [-1, 1] -> code indices (B, S/f, S/f)."""
         return self.vq(self.encoder(images)).indices
 
     @torch.no_grad()
     def decode(self, indices):
-        """Code indices (B, h, w) -> images (B, 3, 8h, 8w) in about [-1, 1]."""
+        """Code indices (B, h, w) -> images (B, 3, f*h, f*w) in about [-1, 1]."""
         return self.decoder(self.vq.decode(indices))
 
 
 def make_discriminator(layers=3, width=64):
-    """PatchGAN critic (pix2pix / taming): `layers` stride-2 blocks, one logit per patch."""
+    """PatchGAN critic (pix2pix / taming, SimVQ's NLayerDiscriminator): one logit per patch.
+    Conv weights N(0, 0.02), BatchNorm weights N(1, 0.02) and biases 0, as theirs."""
     mods, c = [nn.Conv2d(3, width, 4, 2, 1), nn.LeakyReLU(0.2)], width
     for n in range(1, layers + 1):
         c_out = width * min(2 ** n, 8)
@@ -374,12 +447,29 @@ def make_discriminator(layers=3, width=64):
     for m in disc.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
     return disc
 
 
+def generator_gan_loss(logits):
+    """Non-saturating generator loss on each image's mean logit, as SimVQ: softplus(-mean)."""
+    return F.softplus(-logits.float().flatten(1).mean(1)).mean()
+
+
+def critic_hinge_loss(logits_real, logits_fake):
+    """Hinge loss of the critic, as taming / SimVQ: 0.5 (E relu(1 - real) + E relu(1 + fake))."""
+    return 0.5 * (F.relu(1 - logits_real.float()).mean() + F.relu(1 + logits_fake.float()).mean())
+
+
 # -----------------------------------------------------------------------------
-# Helpers: distributed setup, checkpoints, evaluation, figures
+# Helpers: distributed setup, files and checkpoints, the training step, logging, evaluation
 # -----------------------------------------------------------------------------
+
+class OutputError(RuntimeError):
+    """An output could not be written (full disk, read-only folder) or a checkpoint not read."""
+
 
 def setup_distributed(cfg):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python runs one process, no group."""
@@ -397,95 +487,14 @@ def setup_distributed(cfg):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def dist_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def all_reduce(t, op=None):
     if dist.is_initialized():
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
-
-
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def checkpoints(out):
-    return sorted(glob.glob(os.path.join(out, "ckpt-*.pt")))
-
-
-def load_autoencoder(path, device="cpu"):
-    """A trained tokenizer (the EMA weights): model.encode(images), model.decode(indices)."""
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    model = Autoencoder(Config(**ckpt["config"])).to(device)
-    model.load_state_dict(ckpt["ema"])
-    return model.eval()
-
-
-def to_unit(x):
-    return ((x.float() + 1) / 2).clamp(0, 1)
-
-
-def save_grid(x, x_hat, path, n=8):
-    """Originals over reconstructions as one PNG (written atomically)."""
-    rows = torch.cat([to_unit(x[:n]), to_unit(x_hat[:n])], 0)  # (2n, 3, S, S)
-    grid = rows.view(2, -1, *rows.shape[1:]).permute(0, 3, 1, 4, 2).reshape(2 * rows.shape[2], -1, 3)
-    tmp = path + ".tmp.png"
-    Image.fromarray((grid.cpu().numpy() * 255).round().astype(np.uint8)).save(tmp)
-    os.replace(tmp, path)
-
-
-@torch.no_grad()
-def evaluate(cfg, model, loader, device, nets, out_png=None):
-    """rFID, PSNR, SSIM, LPIPS, utilization and perplexity of `model` on the val loader.
-
-    rFID protocol: val images Resize(S)+CenterCrop(S) as uint8, reconstructions clamped to
-    [0, 1]; both resized to 299x299 bilinearly (fp32) inside the TF-FID Inception; pool3
-    features; Frechet distance between the two Gaussians, all val images (50k) by default.
-    """
-    model.eval()
-    K = cfg.codebook_size
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # n, psnr, ssim, lpips
-    counts = torch.zeros(K, device=device)
-    real, fake = metrics.FeatureStats(2048, device), metrics.FeatureStats(2048, device)
-    inception, lpips = nets
-    for i, (images, _) in enumerate(tqdm(loader, desc="eval", disable=cfg.quiet or dist_rank() > 0)):
-        x = images.to(device).float() / 127.5 - 1
-        with autocast(cfg, device):
-            x_hat, _, out = model(x)
-        x_hat = x_hat.float().clamp(-1, 1)
-        if i == 0 and out_png:
-            save_grid(x, x_hat, out_png)
-        a, b = to_unit(x), to_unit(x_hat)
-        sums += torch.stack([torch.tensor(float(len(x)), device=device), metrics.psnr(a, b).sum(),
-                             metrics.ssim(a, b).sum(),
-                             lpips(x, x_hat).sum() if lpips else torch.zeros((), device=device)]).double()
-        counts += torch.bincount(out.indices.flatten(), minlength=K).float()
-        if inception:
-            real.add(inception(a))
-            fake.add(inception(b))
-    for t in [sums, counts] + (real.tensors() + fake.tensors() if inception else []):
-        all_reduce(t)
-    n = float(sums[0])
-    result = {"images": int(n), "psnr": float(sums[1]) / n, "ssim": float(sums[2]) / n,
-              **nsvq.codebook_stats(counts.cpu())}
-    if lpips:
-        result["lpips"] = float(sums[3]) / n
-    if inception:
-        result["rfid"] = metrics.frechet_distance(*real.mean_cov(), *fake.mean_cov())
-    model.train()
-    return result
-
-
-def dist_rank():
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def autocast(cfg, device):
@@ -494,296 +503,479 @@ def autocast(cfg, device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
 
 
-def load_nets(cfg, device, rank):
-    """(Inception, LPIPS) for evaluation, or None for a metric switched off."""
-    def build(spec, what, make):
-        if spec == "none":
-            if rank == 0:
-                print(f"warning: {what} is switched off ('none'): it will not be reported")
-            return None
-        return make().to(device)
-    lpips_spec = cfg.lpips_weights
-    vgg, lin = ((os.path.join(lpips_spec, "vgg16-397923af.pth"), os.path.join(lpips_spec, "vgg.pth"))
-                if lpips_spec not in ("auto", "random", "none") else (lpips_spec, lpips_spec))
-    return (build(cfg.inception, "rFID (--inception)", lambda: metrics.InceptionFID(cfg.inception)),
-            build(lpips_spec, "LPIPS (--lpips-weights)", lambda: metrics.LPIPS(vgg, lin)))
+def check_free_space(path, needed):
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OutputError(f"cannot write {path}: {free / 2**20:.0f} MiB free on its disk, "
+                          f"about {needed / 2**20:.0f} MiB needed")
 
 
-# -----------------------------------------------------------------------------
-# Training
-# -----------------------------------------------------------------------------
-
-def resolve(cfg):
-    """Check the options and fill the defaults that depend on others."""
-    cfg = copy.deepcopy(cfg)
-    if cfg.preset not in PRESETS:
-        raise ValueError(f"unknown preset {cfg.preset!r}; expected one of {list(PRESETS)}")
-    if cfg.amp not in ("bf16", "fp16", "none"):
-        raise ValueError(f"unknown --amp {cfg.amp!r}; expected bf16, fp16 or none")
-    if not cfg.data and not (cfg.packed and not cfg.prepare):
-        raise ValueError("--data is required (a folder with train/ and val/), or --packed")
-    if cfg.prepare and not cfg.packed:
-        raise ValueError("--prepare needs --packed DIR to write into")
-    if cfg.eval_only and not cfg.resume:
-        raise ValueError("--eval-only needs --resume auto or a checkpoint path")
-    if cfg.quantizer not in ("nsvq", "simvq", "ema", "ste"):
-        raise ValueError(f"unknown quantizer {cfg.quantizer!r}; expected nsvq, simvq, ema or ste")
-    if cfg.image_size % 2 ** (len(cfg.ch_mult.split(",")) - 1):
-        raise ValueError(f"image_size {cfg.image_size} is not divisible by the downsampling factor")
-    cfg.out = cfg.out or os.path.join("runs", "imagenet", cfg.quantizer)
-    return cfg
+def write_atomic(path, write, needed=0):
+    """write(tmp) to a temporary file unique to this process, then rename it to `path`: a
+    crash, a signal or a full disk never leaves half a file, and the temporary file is removed.
+    Only rank 0 writes: any other rank calling this is a bug, and fails loudly."""
+    if dist_rank() != 0:
+        raise RuntimeError(f"rank {dist_rank()} tried to write {path}: only rank 0 writes files")
+    check_free_space(path, needed)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, OutputError):
+            raise
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OutputError(f"writing {path} failed ({reason}); {free / 2**20:.0f} MiB free on its "
+                          f"disk, about {needed / 2**20:.0f} MiB needed") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def main(cfg):
-    cfg = resolve(cfg)
-    if cfg.prepare:
-        return prepare(cfg)
-    rank, world, device = setup_distributed(cfg)
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by {world} ranks")
-    torch.backends.cuda.matmul.allow_tf32 = False  # nearest-code distances at full fp32 precision
-    torch.backends.cudnn.allow_tf32 = True         # convolutions may use TF32
-    torch.manual_seed(cfg.seed + rank)
-    os.makedirs(cfg.out, exist_ok=True)
-    log = print if rank == 0 else (lambda *a, **k: None)
+def tensor_bytes(obj):
+    """Bytes of all tensors in a nested checkpoint object (a checkpoint's size, within a few %)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
+
+def save_atomic(obj, path):
+    write_atomic(path, lambda tmp: torch.save(obj, tmp), needed=tensor_bytes(obj) + 2**20)
+
+
+def write_json_atomic(obj, path):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    write_atomic(path, write)
+
+
+def checkpoints(out):
+    return sorted(glob.glob(os.path.join(out, "ckpt-*.pt")))
+
+
+def load_checkpoint(path):
+    """A checkpoint of this script, loaded to the CPU (RNG states must stay CPU tensors; the
+    caller moves model and optimizer state to its device). One-line errors for a file that is
+    truncated, not a checkpoint, or another script's."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise OutputError(f"{path} is not a readable checkpoint (truncated, or not a torch file: "
+                          f"{type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "train_imagenet":
+        kind = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise OutputError(f"{path} is not a train_imagenet.py checkpoint (it holds: {kind})")
+    return ckpt
+
+
+def find_checkpoint(cfg, log):
+    """(path, checkpoint) for --resume: the given file, or with 'auto' the newest intact one."""
+    if cfg.resume != "auto":
+        if not os.path.isfile(cfg.resume):
+            raise FileNotFoundError(f"--resume {cfg.resume}: no such file")
+        return cfg.resume, load_checkpoint(cfg.resume)
+    for path in reversed(checkpoints(cfg.out)):
+        try:
+            return path, load_checkpoint(path)
+        except OutputError as e:
+            log(f"warning: {e}; trying an older checkpoint")
+    raise FileNotFoundError(f"--resume auto: no intact checkpoint in {cfg.out}")
+
+
+def load_autoencoder(path, device="cpu"):
+    """A trained tokenizer (the EMA weights): model.encode(images), model.decode(indices)."""
+    ckpt = load_checkpoint(path)
+    model = Autoencoder(Config(**ckpt["config"]))
+    model.load_state_dict(ckpt["ema"])
+    return model.to(device).eval()
+
+
+def load_networks(cfg, device):
+    """(LPIPS-VGG for the training loss or None, evaluation networks) -- all loaded at start-up,
+    so missing weights stop the run before its first step, naming the option that fixes it."""
+    if cfg.perceptual_weight > 0 and cfg.lpips_weights == "random":
+        raise ValueError("--lpips-weights random is for tests and timing: a random VGG is no "
+                         "perceptual loss. Pass the LPIPS files, or --perceptual-weight 0")
+    vgg = metrics.LPIPS("vgg", cfg.lpips_weights).to(device) if cfg.perceptual_weight > 0 or cfg.eval_lpips else None
+    nets = {"inception": metrics.InceptionFID(cfg.inception).to(device) if cfg.inception != "none" else None,
+            "lpips_vgg": vgg if cfg.eval_lpips else None,
+            "lpips_alex": metrics.LPIPS("alex", cfg.lpips_weights).to(device) if cfg.eval_lpips else None}
+    return (vgg if cfg.perceptual_weight > 0 else None), nets
+
+
+@dataclass
+class Trainer:
+    """Everything one training step touches. `model`, `disc`, `ema` are the raw modules (saved in
+    checkpoints); `train_model` / `train_disc` are what the step calls (compiled, DDP-wrapped);
+    `gan_disc` is the critic for the generator's term (not DDP-wrapped: those critic gradients
+    are thrown away, so they need no all-reduce)."""
+    model: nn.Module
+    ema: nn.Module
+    disc: nn.Module
+    lpips: Optional[nn.Module]
+    opt: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    scaler_d: torch.amp.GradScaler
+    train_model: nn.Module = None
+    train_disc: nn.Module = None
+    gan_disc: nn.Module = None
+
+
+def build_trainer(cfg, device, lpips):
+    """Model, critic, weight EMA, fused Adam and GradScalers. Call under the same seed on every
+    rank: every rank builds the same weights, codebook and quantizer buffers."""
     model = Autoencoder(cfg).to(device)
     disc = make_discriminator().to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    scaler_d = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    stages = cfg.quantizer == "nsvq"  # baselines train in one stage, as published
-    schedule = nsvq.StageSchedule(cfg.patience if stages else 10 ** 9,
-                                  cfg.freeze_epoch if stages else None,
-                                  cfg.warmup_epochs, cfg.gan_ramp_epochs)
-    state = {"epoch": 0, "batch": 0, "step": 0, "skipped_images": 0, "bad_steps_total": 0,
-             "commit_sum": 0.0, "commit_n": 0}
+    # Fused Adam + GradScaler skip a step whose gradients are not finite without the host
+    # reading any flag: the scaler hands found_inf to the fused kernel, which then does nothing.
+    # Under bf16 / fp32 the scale starts at 1 and only halves on a skipped step (exact in
+    # binary floating point); fp16 uses the usual dynamic loss scaling.
+    adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    scaling = {} if cfg.amp == "fp16" else dict(init_scale=1.0, growth_interval=2 ** 30)
+    return Trainer(model, ema, disc, lpips, torch.optim.Adam(model.parameters(), **adam),
+                   torch.optim.Adam(disc.parameters(), **adam),
+                   torch.amp.GradScaler(device.type, **scaling), torch.amp.GradScaler(device.type, **scaling))
 
-    if cfg.resume:
-        found = checkpoints(cfg.out) if cfg.resume == "auto" else [cfg.resume]
-        if not found or not os.path.isfile(found[-1]):
-            raise FileNotFoundError(f"--resume {cfg.resume}: no checkpoint found"
-                                    + (f" in {cfg.out}" if cfg.resume == "auto" else ""))
-        ckpt = torch.load(found[-1], map_location=device, weights_only=False)
-        for key in ("quantizer", "codebook_size", "dim", "ch", "ch_mult", "image_size"):
-            if ckpt["config"][key] != getattr(cfg, key):
-                raise ValueError(f"--resume: checkpoint has {key}={ckpt['config'][key]!r}, "
-                                 f"this run asks for {getattr(cfg, key)!r}")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        disc.load_state_dict(ckpt["disc"])
-        opt.load_state_dict(ckpt["opt"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        scaler.load_state_dict(ckpt["scaler"])
-        scaler_d.load_state_dict(ckpt["scaler_d"])
-        schedule.load_state_dict(ckpt["schedule"])
-        state = ckpt["state"]
-        rng = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0]
-        torch.set_rng_state(rng["cpu"])
-        if device.type == "cuda" and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"])
-        log(f"resumed from {found[-1]}: epoch {state['epoch']}, batch {state['batch']}, {schedule.stage}")
 
-    nets = load_nets(cfg, device, rank)
-    lpips = nets[1] if cfg.lpips_weight > 0 else None
-    val_loader = make_loader(cfg, "val", rank, world, train=False)
-    if cfg.eval_only:
-        result = evaluate(cfg, ema, val_loader, device, nets, os.path.join(cfg.out, "recon-eval.png"))
-        log(json.dumps(result))
-        if rank == 0:
-            write_json_atomic(result, os.path.join(cfg.out, "eval.json"))
-        return result
-    train_loader = make_loader(cfg, "train", rank, world, train=True)
-    if cfg.bench_loader:
-        return bench_loader(cfg, train_loader, log)
-
-    def ddp(module):
-        """DDP after compiling; the quantizer synchronises its own buffers."""
-        if world == 1:
-            return module
-        return DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
-                   broadcast_buffers=False)
-
-    def apply_stage():
-        """Freeze the encoder and switch the quantizer's terms; rebuild the DDP wrappers.
-
-        Returns the autoencoder and critic to train, and the critic for the generator's term
-        (not DDP-wrapped: its gradients are discarded, so they need no all-reduce).
-        """
-        model.encoder.requires_grad_(schedule.encoder_trainable)
-        model.vq.dense = schedule.dense_loss
-        critic = torch.compile(disc) if cfg.compile else disc
-        return ddp(torch.compile(model) if cfg.compile else model), ddp(critic), critic
-
-    def save(tag=""):
-        rng = {"cpu": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
-        if rank == 0:
-            path = os.path.join(cfg.out, f"ckpt-{state['step']:09d}.pt")
-            save_atomic({"config": dataclasses.asdict(cfg), "model": model.state_dict(),
-                         "ema": ema.state_dict(), "disc": disc.state_dict(), "opt": opt.state_dict(),
-                         "opt_d": opt_d.state_dict(), "scaler": scaler.state_dict(),
-                         "scaler_d": scaler_d.state_dict(), "schedule": schedule.state_dict(),
-                         "state": dict(state), "rng": rngs}, path)
-            for old in checkpoints(cfg.out)[:-cfg.keep_ckpts]:
-                os.remove(old)
-            log(f"saved {path} {tag}")
-        if world > 1:
-            dist.barrier()
-
-    stop = {"sigterm": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
-    train_model, train_disc, gan_disc = apply_stage()
-    steps_per_epoch = train_loader.sampler.batches
-    vq = model.vq
-    window, bad_in_row, steps_this_run, t_log = {}, 0, 0, time.time()
-    counts = torch.zeros(cfg.codebook_size, device=device)
-    while state["epoch"] < cfg.epochs:
-        epoch = state["epoch"]
-        train_loader.sampler.set_epoch(epoch, state["batch"])
-        bar = tqdm(total=steps_per_epoch, initial=state["batch"], desc=f"epoch {epoch} {schedule.stage}",
-                   disable=cfg.quiet or rank > 0, dynamic_ncols=True)
-        for images, skipped in train_loader:
-            state["skipped_images"] += int(skipped.sum())
-            x = images.to(device, non_blocking=True).float() / 127.5 - 1
-            gan_w = cfg.gan_weight * schedule.gan_weight(epoch + state["batch"] / steps_per_epoch)
-            with autocast(cfg, device):
-                x_hat, z_e, out = train_model(x)
-                losses = {"l1": cfg.l1_weight * (x_hat.float() - x).abs().mean()}
-                if lpips:
-                    losses["lpips"] = cfg.lpips_weight * lpips(x_hat, x).mean()
-                losses.update(out.losses)
-                if "commit" in losses and not schedule.commitment:
-                    losses["commit"] = losses["commit"].detach() * 0  # encoder frozen
-                if gan_w > 0:
-                    losses["gan"] = gan_w * F.softplus(-gan_disc(x_hat).float()).mean()
-            loss = sum(losses.values())
-            # One collective decides for every rank: skip a non-finite step, stop on SIGTERM.
-            flags = all_reduce(torch.tensor([float(not torch.isfinite(loss)), float(stop["sigterm"])],
-                                            device=device), dist.ReduceOp.MAX if world > 1 else None)
-            if flags[0]:
-                bad_in_row += 1
-                state["bad_steps_total"] += 1
-                opt.zero_grad(set_to_none=True)
-                log(f"non-finite loss at step {state['step']}: step skipped ({bad_in_row} in a row)")
-                if bad_in_row >= cfg.max_bad_steps:
-                    raise RuntimeError(f"{bad_in_row} non-finite losses in a row at step {state['step']}; "
-                                       f"stopping. The last good checkpoint in {cfg.out} is intact.")
-                state["batch"] += 1
-                bar.update(1)
-                continue
-            bad_in_row = 0
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            if gan_w > 0:  # critic step, hinge loss
-                with autocast(cfg, device):
-                    d_loss = (F.relu(1 - train_disc(x).float()).mean()
-                              + F.relu(1 + train_disc(x_hat.detach()).float()).mean())
-                opt_d.zero_grad(set_to_none=True)
-                scaler_d.scale(d_loss).backward()
-                scaler_d.step(opt_d)
-                scaler_d.update()
-                losses["disc"] = d_loss.detach()
-            # Codebook upkeep after the step, in the method's order; collectives live in here.
-            vq.update_(z_e.detach().float(), out.indices)
-            if stages and schedule.replacement and state["step"] % cfg.replace_every == 0:
-                dead = vq.replace_dead_codes_(cfg.threshold)
-                if vq.codebook_by_gradient:
-                    nsvq.reset_adam_state_(opt, vq.embedding, dead)
-                ema.vq.embedding.data[dead] = vq.embedding.data[dead]  # copied, not averaged
-            with torch.no_grad():  # weight EMA for evaluation; buffers are copied
-                for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p.detach(), 1 - cfg.weight_ema)
-                for b_ema, b in zip(ema.buffers(), model.buffers()):
-                    b_ema.copy_(b)
-            counts += torch.bincount(out.indices.flatten(), minlength=cfg.codebook_size).float()
-            for k, v in losses.items():  # kept on the device: no sync per step
-                window[k] = window.get(k, 0.0) + v.detach().float()
-            if "commit" in out.losses:
-                state["commit_sum"] += float(out.losses["commit"].detach())
-                state["commit_n"] += 1
-            state["step"] += 1
-            state["batch"] += 1
-            steps_this_run += 1
-            bar.update(1)
-            if state["step"] % cfg.log_every == 0:
-                log_line(cfg, state, schedule, window, counts, vq, t_log, world, device, log)
-                window, t_log = {}, time.time()
-                counts.zero_()
-            if state["step"] % cfg.ckpt_every == 0:
-                save()
-            if flags[1] or (cfg.max_steps and steps_this_run >= cfg.max_steps):
-                save("(SIGTERM)" if flags[1] else "(--max-steps)")
-                bar.close()
-                return None
-        bar.close()
-        # End of epoch: the schedule sees the all-ranks mean commitment loss.
-        commit = all_reduce(torch.tensor([state["commit_sum"], float(state["commit_n"])], device=device))
-        state.update(epoch=epoch + 1, batch=0, commit_sum=0.0, commit_n=0)
-        if schedule.end_epoch(epoch, float(commit[0] / commit[1].clamp(min=1))):
-            log(f"stage change: {schedule.stage} from epoch {epoch + 1}")
-            train_model, train_disc, gan_disc = apply_stage()
-            save(f"(entering {schedule.stage})")
-        if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
-            result = evaluate(cfg, ema, val_loader, device, nets, os.path.join(cfg.out, f"recon-{epoch:03d}.png"))
-            log(f"eval epoch {epoch}: " + json.dumps(result))
-            append_jsonl(cfg, rank, {"epoch": epoch, "eval": result})
-    save("(final)")
-    result = evaluate(cfg, ema, val_loader, device, nets, os.path.join(cfg.out, "recon-final.png"))
-    skipped = all_reduce(torch.tensor([float(state["skipped_images"])], device=device))
-    result.update(stage_start=schedule.stage_start, skipped_images=int(skipped[0]),
-                  bad_steps=state["bad_steps_total"], steps=state["step"])
-    if rank == 0:
-        write_json_atomic(result, os.path.join(cfg.out, "results.json"))
-    log(json.dumps(result))
+def apply_stage(cfg, trainer, schedule, world, device):
+    """Freeze the encoder and switch the quantizer's terms; (re)build the compiled, DDP-wrapped
+    modules. Compile before wrapping; rebuild the wrapper instead of changing requires_grad on
+    a live one. broadcast_buffers=False: the quantizer keeps its own buffers identical on every
+    rank (its collectives live in update_ and replace_dead_codes_), and the critic's BatchNorm
+    running statistics are never used (the critic always runs in training mode)."""
+    trainer.model.encoder.requires_grad_(schedule.encoder_trainable)
+    if isinstance(trainer.model.vq, nsvq.NSVQ):
+        trainer.model.vq.dense = schedule.dense_loss
+    model = torch.compile(trainer.model) if cfg.compile else trainer.model
+    critic = torch.compile(trainer.disc) if cfg.compile else trainer.disc
     if world > 1:
-        check_identical(list(model.parameters()) + [model.vq.codebook, model.vq.usage], device)
-    return result
+        ids = [device.index] if device.type == "cuda" else None
+        model = DDP(model, device_ids=ids, forward_sync_buffers=False)
+        trainer.train_disc = DDP(critic, device_ids=ids, forward_sync_buffers=False)
+    else:
+        trainer.train_disc = critic
+    trainer.train_model, trainer.gan_disc = model, critic
 
 
-def append_jsonl(cfg, rank, record):
-    if rank == 0:
-        with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+def train_step(cfg, trainer, x, gan_w, commitment, replace, device):
+    """One training step, the one definition the loop and bench.py --imagenet both run:
+    autoencoder + quantizer + LPIPS + GAN, the critic, codebook upkeep, the weight EMA.
+
+    Returns (losses, out, counts, bad): device tensors, nothing read on the host -- except
+    when `replace` is set: replacement reads how many codes are dead (one wait on the device)
+    and returns their indices as the fifth item.
+    """
+    with autocast(cfg, device):
+        x_hat, z_e, out = trainer.train_model(x)
+        losses = {"l1": cfg.l1_weight * (x_hat.float() - x).abs().mean()}
+        if trainer.lpips is not None:
+            losses["lpips"] = cfg.perceptual_weight * trainer.lpips(x_hat, x).mean()
+        losses.update(out.losses)
+        if not commitment:
+            losses["commit"] = losses["commit"].detach() * 0  # encoder frozen: nothing to commit
+        if gan_w > 0:
+            losses["gan"] = gan_w * generator_gan_loss(trainer.gan_disc(x_hat))
+    loss = sum(losses.values())
+    bad = ~torch.isfinite(loss.detach())  # counted on the device; the scaler skips the step
+    trainer.opt.zero_grad(set_to_none=True)
+    trainer.scaler.scale(loss).backward()
+    trainer.scaler.step(trainer.opt)
+    trainer.scaler.update()
+    if gan_w > 0:  # the critic's step
+        with autocast(cfg, device):
+            d_loss = critic_hinge_loss(trainer.train_disc(x), trainer.train_disc(x_hat.detach()))
+        trainer.opt_d.zero_grad(set_to_none=True)
+        trainer.scaler_d.scale(d_loss).backward()
+        trainer.scaler_d.step(trainer.opt_d)
+        trainer.scaler_d.update()
+        losses["disc"] = d_loss.detach()
+    # Codebook upkeep after the step, in the method's order; the collectives live in here.
+    vq = trainer.model.vq
+    counts = vq.update_(z_e.detach().float(), out.indices)
+    dead = None
+    if replace:
+        dead = vq.replace_dead_codes_(cfg.threshold)
+        if vq.codebook_by_gradient:
+            nsvq.reset_adam_state_(trainer.opt, vq.embedding, dead)
+    with torch.no_grad():  # the weight EMA for evaluation; buffers are copied
+        torch._foreach_lerp_(list(trainer.ema.parameters()), list(trainer.model.parameters()),
+                             1 - cfg.weight_ema)
+        torch._foreach_copy_(list(trainer.ema.buffers()), list(trainer.model.buffers()))
+        if dead is not None and vq.codebook_by_gradient:
+            trainer.ema.vq.embedding[dead] = vq.embedding[dead]  # re-seeded codes: copied, not averaged
+    losses = {k: v.detach().float() for k, v in losses.items()}
+    return losses, out, counts, bad, dead
 
 
-def check_identical(tensors, device):
-    """Raise if any of the tensors differs across ranks (compared through float64 checksums)."""
-    local = torch.stack([t.detach().double().sum() for t in tensors])
-    ref = local.clone()
-    dist.broadcast(ref, src=0)
-    same = all_reduce(torch.tensor([float(torch.equal(local, ref))], device=device), dist.ReduceOp.MIN)
-    if not same[0]:
-        raise RuntimeError("ranks disagree: weights or codebook differ across ranks")
+def benchmark_steps(device, batch, repeats, quick):
+    """bench.py --imagenet: train_step's time and peak memory, paper preset on synthetic images
+    at `batch` images per device, for NSVQ and SimVQ in fp32 eager, bf16 eager, bf16 + compile
+    (quick: the tiny preset, eager only).
+    Random LPIPS weights (they do not change the cost); NSVQ replaces every step."""
+    import bench
+    device = torch.device(device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows = []
+    runs = [("none", False), ("bf16", False)] + ([] if quick else [("bf16", True)])  # compiling: ~1 min
+    for quantizer in ("nsvq", "simvq"):
+        for amp, compile_ in runs:
+            cfg = resolve(make_config("tiny" if quick else "paper", data="-", quantizer=quantizer, amp=amp,
+                                      compile=compile_, perceptual_weight=1.0, lpips_weights="random"))
+            torch.manual_seed(0)
+            trainer = build_trainer(cfg, device, metrics.LPIPS("vgg", "random").to(device))
+            schedule = nsvq.StageSchedule(None, None)
+            apply_stage(cfg, trainer, schedule, 1, device)
+            x = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+            replace = quantizer == "nsvq"
+            step = lambda: train_step(cfg, trainer, x, cfg.gan_weight, True, replace, device)  # noqa: E731
+            for _ in range(3):  # warm-up (and compilation)
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t = bench.time_round_robin({"step": step}, repeats, device.type)["step"]
+            mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+            rows.append({"quantizer": quantizer, "amp": amp, "compile": compile_, "ms": t * 1e3,
+                         "img_per_s": batch / t, "peak_gib": mem})
+    print(f"\ntrain_imagenet.py train_step, {'tiny' if quick else 'paper'} preset, batch {batch} per "
+          f"device, {device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "") + "\n")
+    print("| quantizer | run | ms/step | img/s | peak GiB |\n|---|---|---:|---:|---:|")
+    for r in rows:
+        run = f"{r['amp']}{' + compile' if r['compile'] else ''}"
+        print(f"| {r['quantizer']} | {run} | {r['ms']:.0f} | {r['img_per_s']:.1f} | {r['peak_gib']:.2f} |")
+    for i, run in enumerate(("fp32 eager", "bf16 eager", "bf16 + compile")[:len(runs)]):
+        nsvq_row, simvq_row = rows[i], rows[i + len(runs)]
+        print(f"NSVQ / SimVQ, {run}: time {nsvq_row['ms'] / simvq_row['ms']:.2f}x, "
+              f"memory {nsvq_row['peak_gib'] / simvq_row['peak_gib']:.2f}x")
+    return rows
 
 
-def log_line(cfg, state, schedule, window, counts, vq, t_log, world, device, log):
-    """One line per interval: losses by name, codebook health, stage, throughput, memory."""
-    keys = sorted(window)
-    vals = all_reduce(torch.stack([torch.as_tensor(window[k], device=device) for k in keys])) / world
-    all_reduce(counts)
-    health = nsvq.codebook_stats(counts.cpu())
-    dead = int((vq.usage < cfg.threshold / cfg.codebook_size).sum())
-    ips = cfg.log_every * cfg.batch_size / (time.time() - t_log)
+class StopSignal:
+    """SIGTERM / SIGINT -> every rank stops after the same step, without the host waiting on
+    the device each step. Each step all ranks MAX-reduce their local flag on the device and
+    start copying the result to the host; the loop reads the result of two steps back, which
+    has long arrived (reading last step's would stall the GPU queue)."""
+
+    def __init__(self, device):
+        self.received = False
+        self.device = device
+        self.pending = []  # (host flag, CUDA event or None), oldest first
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = True  # a second signal ends the process at once
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    def poll(self):
+        """Call once per step; True when all ranks agreed to stop (two steps ago)."""
+        flag = torch.full((1,), float(self.received), device=self.device)
+        all_reduce(flag, dist.ReduceOp.MAX if dist.is_initialized() else None)
+        cuda = self.device.type == "cuda"
+        host = torch.empty(1, pin_memory=cuda)
+        host.copy_(flag, non_blocking=cuda)
+        event = torch.cuda.Event() if cuda else None
+        if event is not None:
+            event.record()
+        self.pending.append((host, event))
+        if len(self.pending) < 3:
+            return False
+        host, event = self.pending.pop(0)
+        if event is not None:
+            event.synchronize()
+        return bool(host[0])
+
+
+@torch.no_grad()
+def probe_scales(model, probe, previous):
+    """Latent norm, quantization error and drift of the encoder on a fixed batch (device tensors)."""
+    was_training = model.training
+    model.eval()
+    z_e = model.encoder(probe).float()
+    z = nsvq.flatten_latents(z_e, model.vq.dim)
+    indices = nsvq.nearest_code(z, model.vq.codebook.detach())
+    model.train(was_training)
+    scales = {"latent_norm": z.norm(dim=1).mean(),
+              "quant_error": nsvq.mean_quantization_error(z, model.vq.codebook.detach(), indices),
+              "drift": (z_e - previous).pow(2).mean().sqrt() if previous is not None else torch.zeros(())}
+    return scales, z_e
+
+
+def new_window(cfg, device):
+    """Sums over one log interval, kept on the device."""
+    zero = lambda: torch.zeros((), device=device)  # noqa: E731
+    return {"sums": {}, "n": {}, "steps": 0, "counts": torch.zeros(cfg.codebook_size, device=device),
+            "bad": {"total": zero(), "run": zero(), "streak": zero()}, "dead_before": 0,
+            "reseeded": 0, "scales": {}}
+
+
+def accumulate(window, losses, out, counts, bad, dead):
+    """Add one step to the window, on the device: nothing here waits for it. Losses and
+    diagnostics are averaged over good steps; a non-finite step only counts as bad."""
+    ok = (~bad).float()
+    for k, v in {**losses, **out.diagnostics}.items():
+        window["sums"][k] = window["sums"].get(k, 0.0) + torch.where(bad, 0.0, v.float())
+        window["n"][k] = window["n"].get(k, 0.0) + ok
+    window["counts"] += counts
+    window["bad"]["total"] += bad
+    window["bad"]["run"] = (window["bad"]["run"] + 1) * bad  # the current streak of bad steps
+    window["bad"]["streak"] = torch.maximum(window["bad"]["streak"], window["bad"]["run"])
+    window["reseeded"] += 0 if dead is None else len(dead)
+    window["steps"] += 1
+
+
+def log_line(cfg, state, schedule, window, trainer, t_log, world, device, log):
+    """One line per interval: losses by name, codebook health, the kernel, probe scales, stage,
+    throughput, memory; also a metrics.jsonl record. The one place that reads the device."""
+    keys = sorted(window["sums"])
+    sums = all_reduce(torch.stack([window["sums"][k] for k in keys] + [window["n"][k] for k in keys]))
+    means = {k: float(s / n.clamp(min=1)) for k, s, n in zip(keys, sums[:len(keys)], sums[len(keys):])}
+    diagnostics = {k: means.pop(k) for k in ("kernel_mass", "tau") if k in means}
+    health = nsvq.codebook_stats(window["counts"].cpu())  # counts are all-ranks already
+    scales = {k: float(v) for k, v in window["scales"].items()}
+    bad = {k: int(v) for k, v in window["bad"].items()}
+    dead_now = int(trainer.model.vq.upkeep.dead(cfg.threshold).sum())
+    ips = window["steps"] * cfg.batch_size / (time.time() - t_log)
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else 0.0
-    means = {k: float(v) / cfg.log_every for k, v in zip(keys, vals)}
+    quantizer = (f"util {health['utilization']:.1%} ppl {health['perplexity']:.0f} dead {dead_now} "
+                 f"(before replacement {window['dead_before']}) re-seeded {window['reseeded']}"
+                 + "".join(f" {k} {v:.3g}" for k, v in diagnostics.items()))
     log(f"step {state['step']:7d} | ep {state['epoch']} {schedule.stage:6s} | "
-        + " ".join(f"{k} {v:.4f}" for k, v in means.items())
-        + f" | util {health['utilization']:.1%} ppl {health['perplexity']:.0f} dead {dead} | "
-        f"{ips:.0f} img/s mem {mem:.1f}G skipped {state['skipped_images']}")
-    append_jsonl(cfg, dist_rank(), {"step": state["step"], "stage": schedule.stage, **means,
-                                    **health, "dead_usage": dead, "img_per_s": ips})
+        + " ".join(f"{k} {v:.4f}" for k, v in means.items()) + f" | {quantizer} | "
+        + " ".join(f"{k} {v:.4g}" for k, v in scales.items())
+        + f" | {ips:.0f} img/s mem {mem:.1f}G skipped {state['skipped_images']} bad {bad['total']}")
+    if dist_rank() == 0:
+        append_jsonl(cfg, {"step": state["step"], "epoch": state["epoch"], "stage": schedule.stage,
+                           **means, **diagnostics, **health, **scales, "dead": dead_now, "dead_before_replacement":
+                           window["dead_before"], "reseeded": window["reseeded"],
+                           "bad_steps": bad["total"], "img_per_s": ips})
     if cfg.check_codebook and world > 1:
-        check_identical([vq.codebook, vq.usage], device)
+        check_identical({f"vq.{k}": v for k, v in trainer.model.vq.state_dict().items()}, device)
+    if cfg.amp != "fp16":  # bf16 / fp32: the scale is a guard only; undo the halvings of skipped steps
+        for scaler in (trainer.scaler, trainer.scaler_d):
+            if scaler.get_scale() != 1.0:
+                scaler.update(new_scale=1.0)
+    return bad["streak"]
+
+
+def append_jsonl(cfg, record):
+    with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def check_identical(named_tensors, device):
+    """Raise unless every tensor is bitwise equal on all ranks (rank 0's copy is broadcast)."""
+    for name, t in named_tensors.items():
+        reference = t.detach().clone()
+        dist.broadcast(reference, src=0)
+        same = torch.tensor([float(torch.equal(reference, t.detach()))], device=device)
+        if not all_reduce(same, dist.ReduceOp.MIN)[0]:
+            raise RuntimeError(f"ranks disagree: {name} differs across ranks")
+
+
+def save_checkpoint(cfg, trainer, schedule, state, world, device, log, tag=""):
+    """Every rank's RNG state is gathered; rank 0 writes the checkpoint and prunes old ones."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if dist_rank() == 0:
+        path = os.path.join(cfg.out, f"ckpt-{state['step']:09d}.pt")
+        save_atomic({"kind": "train_imagenet", "config": dataclasses.asdict(cfg),
+                     "model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(),
+                     "disc": trainer.disc.state_dict(), "opt": trainer.opt.state_dict(),
+                     "opt_d": trainer.opt_d.state_dict(), "scaler": trainer.scaler.state_dict(),
+                     "scaler_d": trainer.scaler_d.state_dict(), "schedule": schedule.state_dict(),
+                     "state": dict(state), "rng": rngs}, path)
+        for old in checkpoints(cfg.out)[:-cfg.keep_ckpts]:
+            os.remove(old)
+        log(f"saved {path} {tag}")
+    if world > 1:
+        dist.barrier()
+
+
+def restore(ckpt, cfg, trainer, schedule, rank):
+    """Load a checkpoint (already on the CPU) into the trainer; returns the loop state."""
+    for key in ("quantizer", "codebook_size", "dim", "ch", "ch_mult", "num_res_blocks", "image_size"):
+        if ckpt["config"][key] != getattr(cfg, key):
+            raise ValueError(f"--resume: checkpoint has {key}={ckpt['config'][key]!r}, "
+                             f"this run asks for {getattr(cfg, key)!r}")
+    for name in ("model", "ema", "disc", "opt", "opt_d", "scaler", "scaler_d"):
+        getattr(trainer, name).load_state_dict(ckpt[name])
+    schedule.load_state_dict(ckpt["schedule"])
+    rng = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0]
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available() and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    return dict(ckpt["state"])
+
+
+def to_unit(x):
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def save_grid(x, x_hat, path, n=8):
+    """Originals over reconstructions as one PNG."""
+    rows = torch.cat([to_unit(x[:n]), to_unit(x_hat[:n])], 0)  # (2n, 3, S, S)
+    grid = rows.view(2, -1, *rows.shape[1:]).permute(0, 3, 1, 4, 2).reshape(2 * rows.shape[2], -1, 3)
+    image = Image.fromarray((grid.cpu().numpy() * 255).round().astype(np.uint8))
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+@torch.no_grad()
+def evaluate(cfg, model, loader, device, nets, out_png=None):
+    """SimVQ's evaluation protocol (their evaluation.py) on the val loader; README, "Evaluation".
+
+    rfid: pytorch-fid's Inception pool3 features of originals and reconstructions in [0, 1]
+    (fp32, not quantised), Frechet distance over all images; lpips_alex / lpips_vgg: mean over
+    images of LPIPS on [-1, 1]; psnr: per-batch PSNR (MSE over the whole batch) on images
+    quantised to uint8, averaged over batches; ssim: skimage's default SSIM per image on the
+    same uint8 images, averaged per batch, then over batches; utilization, perplexity.
+    """
+    model.eval()
+    K = cfg.codebook_size
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # images, batches, psnr, ssim, alex, vgg
+    counts = torch.zeros(K, device=device)
+    real, fake = metrics.FeatureStats(2048, device), metrics.FeatureStats(2048, device)
+    for i, (images, _) in enumerate(tqdm(loader, desc="eval", disable=cfg.quiet or dist_rank() > 0)):
+        x = to_model_range(images.to(device))
+        with autocast(cfg, device):
+            x_hat, _, out = model(x)
+        x_hat = x_hat.float().clamp(-1, 1)
+        if i == 0 and out_png and dist_rank() == 0:
+            save_grid(x, x_hat, out_png)
+        a, b = to_unit(x), to_unit(x_hat)
+        a8, b8 = metrics.to_uint8_levels(a), metrics.to_uint8_levels(b)
+        lpips = [nets[k](x, x_hat).sum() if nets[k] else torch.zeros((), device=device)
+                 for k in ("lpips_alex", "lpips_vgg")]
+        sums += torch.stack([torch.tensor(float(len(x)), device=device), torch.ones((), device=device),
+                             metrics.psnr_of_batch(a8, b8), metrics.ssim(b8, a8).mean(), *lpips]).double()
+        counts.index_add_(0, out.indices.flatten(), torch.ones(out.indices.numel(), device=device))
+        if nets["inception"]:
+            real.add(nets["inception"](a))
+            fake.add(nets["inception"](b))
+    for t in [sums, counts] + (real.tensors() + fake.tensors() if nets["inception"] else []):
+        all_reduce(t)
+    n, batches = float(sums[0]), float(sums[1])
+    result = {"images": int(n), "psnr": float(sums[2]) / batches, "ssim": float(sums[3]) / batches,
+              **nsvq.codebook_stats(counts.cpu())}
+    if nets["lpips_alex"]:
+        result.update(lpips_alex=float(sums[4]) / n, lpips_vgg=float(sums[5]) / n)
+    if nets["inception"]:
+        result["rfid"] = metrics.frechet_distance(*real.mean_cov(), *fake.mean_cov())
+    model.train()
+    return result
 
 
 def bench_loader(cfg, loader, log):
@@ -795,40 +987,257 @@ def bench_loader(cfg, loader, log):
         n += len(images)
         if i == cfg.bench_loader:
             break
+    if t0 is None:
+        raise DataError("--bench-loader needs at least two batches of training images")
     rate = n / (time.time() - t0)
-    log(f"loader: {rate:.0f} images/s with {cfg.workers} workers "
-        f"({rate / max(cfg.workers, 1):.0f} per worker)")
+    log(f"loader: {rate:.0f} images/s with {cfg.workers} workers ({rate / max(cfg.workers, 1):.0f} per worker)")
     return rate
 
 
+# -----------------------------------------------------------------------------
+# Training
+# -----------------------------------------------------------------------------
+
+def resolve(cfg):
+    """Apply the preset, check every option and fill the defaults that depend on others."""
+    cfg = copy.deepcopy(cfg)
+    nsvq.check_choice("preset", cfg.preset, tuple(PRESETS))
+    if not cfg.preset_applied:  # Config(preset="tiny"): fill the fields left at their paper default
+        defaults = Config()
+        for key, value in PRESETS[cfg.preset].items():
+            if getattr(cfg, key) == getattr(defaults, key):
+                setattr(cfg, key, value)
+        cfg.preset_applied = True
+    nsvq.check_choice("--quantizer", cfg.quantizer, QUANTIZERS)
+    nsvq.check_choice("--amp", cfg.amp, ("bf16", "fp16", "none"))
+    nsvq.check_choice("--tau-mode", cfg.tau_mode, nsvq.TAU_MODES)
+    nsvq.check_choice("--weighting", cfg.weighting, nsvq.WEIGHTINGS)
+    nsvq.check_choice("--replace-from", cfg.replace_from, nsvq.REPLACE_FROM)
+    if not cfg.data and not (cfg.packed and not cfg.prepare):
+        raise ValueError("--data is required (a folder with train/ and val/), or --packed")
+    if cfg.prepare and not cfg.packed:
+        raise ValueError("--prepare needs --packed DIR to write into")
+    if cfg.eval_only and not cfg.resume:
+        raise ValueError("--eval-only needs --resume auto or a checkpoint path")
+    for name in ("image_size", "ch", "num_res_blocks", "dim", "codebook_size", "epochs", "batch_size",
+                 "replace_every", "patience", "keep_ckpts", "log_every", "ckpt_every", "max_bad_steps",
+                 "eval_batch", "eval_every"):
+        nsvq.check_count("--" + name.replace("_", "-"), getattr(cfg, name), 1)
+    for name in ("workers", "max_steps", "max_eval_images", "bench_loader", "warmup_epochs",
+                 "gan_ramp_epochs"):
+        nsvq.check_count("--" + name.replace("_", "-"), getattr(cfg, name), 0)
+    for name in ("beta", "alpha", "l1_weight", "perceptual_weight", "gan_weight"):
+        nsvq.check_number("--" + name.replace("_", "-"), getattr(cfg, name), low=0)
+    for name in ("lr", "lam", "usage_horizon"):
+        nsvq.check_number("--" + name.replace("_", "-"), getattr(cfg, name), low=0, low_open=True)
+    for name in ("ema_decay", "beta1", "beta2", "weight_ema"):
+        nsvq.check_number("--" + name.replace("_", "-"), getattr(cfg, name), low=0, high=1, high_open=True)
+    nsvq.check_number("--threshold", cfg.threshold, low=0, high=1)
+    nsvq.check_tau(cfg.tau)
+    try:
+        mult = [int(m) for m in cfg.ch_mult.split(",")]
+    except ValueError:
+        raise ValueError(f"--ch-mult must be comma-separated integers, got {cfg.ch_mult!r}") from None
+    if not mult or min(mult) < 1:
+        raise ValueError(f"--ch-mult must be positive integers, got {cfg.ch_mult!r}")
+    if cfg.image_size % 2 ** (len(mult) - 1):
+        raise ValueError(f"--image-size {cfg.image_size} is not divisible by the downsampling factor "
+                         f"{2 ** (len(mult) - 1)} of --ch-mult {cfg.ch_mult}")
+    if cfg.freeze_epoch is not None:
+        nsvq.check_count("--freeze-epoch", cfg.freeze_epoch, 0)
+        cfg.freeze_epoch = cfg.freeze_epoch or None  # 0: freeze on the plateau only
+    cfg.out = cfg.out or os.path.join("runs", "imagenet", cfg.quantizer)
+    return cfg
+
+
+def prepare_out(cfg):
+    """Create --out, refusing to train over an earlier run without --resume or --overwrite."""
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise OutputError(f"--out {cfg.out} is a file, not a folder")
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--out {cfg.out}: cannot create it ({e.strerror})") from None
+    if not os.access(cfg.out, os.W_OK):
+        raise OutputError(f"--out {cfg.out} is not writable")
+    if not cfg.resume and checkpoints(cfg.out):
+        if not cfg.overwrite:
+            raise OutputError(f"--out {cfg.out} holds an earlier run: continue it with --resume auto, "
+                              f"or pass --overwrite to start afresh (its checkpoints are deleted)")
+        for path in checkpoints(cfg.out) + glob.glob(os.path.join(cfg.out, "metrics.jsonl")):
+            os.remove(path)
+
+
+def main(cfg):
+    cfg = resolve(cfg)
+    if cfg.prepare:
+        return prepare(cfg)
+
+    # Setup DDP
+    rank, world, device = setup_distributed(cfg)
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by {world} ranks")
+    torch.backends.cuda.matmul.allow_tf32 = False  # nearest-code distances at full fp32 precision
+    torch.backends.cudnn.allow_tf32 = True         # convolutions may use TF32
+    log = print if rank == 0 else (lambda *a, **k: None)
+    if rank == 0:
+        prepare_out(cfg)
+    if world > 1:
+        dist.barrier()
+
+    # Create model: one seed for construction on every rank; per-rank seeds only afterwards
+    if rank == 0:  # rank 0 downloads missing weights first, the others then read its cache
+        lpips, nets = load_networks(cfg, device)
+    if world > 1:
+        dist.barrier()
+    if rank > 0:
+        lpips, nets = load_networks(cfg, device)
+    torch.manual_seed(cfg.seed)
+    trainer = build_trainer(cfg, device, lpips)
+    torch.manual_seed(cfg.seed + rank)
+    stages = cfg.quantizer == "nsvq"  # the baselines train in one stage, as published
+    schedule = nsvq.StageSchedule(cfg.patience if stages else None, cfg.freeze_epoch if stages else None,
+                                  cfg.warmup_epochs, cfg.gan_ramp_epochs)
+    state = {"epoch": 0, "batch": 0, "step": 0, "skipped_images": 0, "bad_steps_total": 0}
+    if cfg.resume:
+        path, ckpt = find_checkpoint(cfg, log)
+        state = restore(ckpt, cfg, trainer, schedule, rank)
+        log(f"resumed from {path}: epoch {state['epoch']}, batch {state['batch']}, {schedule.stage}")
+
+    # Setup data
+    val_loader = make_loader(cfg, "val", rank, world, train=False)
+    if cfg.eval_only:
+        result = evaluate(cfg, trainer.ema, val_loader, device, nets, os.path.join(cfg.out, "recon-eval.png"))
+        log(json.dumps(result))
+        if rank == 0:
+            write_json_atomic(result, os.path.join(cfg.out, "eval.json"))
+        return result
+    train_loader = make_loader(cfg, "train", rank, world, train=True)
+    if cfg.bench_loader:
+        return bench_loader(cfg, train_loader, log)
+    probe = torch.stack([val_loader.dataset[(i, 0)][0] for i in range(min(8, len(val_loader.dataset)))])
+    probe = to_model_range(probe.to(device))  # a fixed batch, the same on every rank, for the scales
+
+    # Training loop
+    apply_stage(cfg, trainer, schedule, world, device)
+    stop = StopSignal(device)
+    steps_per_epoch = train_loader.sampler.batches
+    steps_this_run, t_log, previous_z = 0, time.time(), None
+    window = new_window(cfg, device)
+    while state["epoch"] < cfg.epochs:
+        epoch = state["epoch"]
+        train_loader.sampler.set_epoch(epoch, state["batch"])
+        commit_sum, commit_n = torch.zeros((), device=device), torch.zeros((), device=device)
+        bar = tqdm(total=steps_per_epoch, initial=state["batch"], desc=f"epoch {epoch} {schedule.stage}",
+                   disable=cfg.quiet or rank > 0, dynamic_ncols=True)
+        for images, skipped in train_loader:
+            state["skipped_images"] += int(skipped.sum())
+            x = to_model_range(images.to(device, non_blocking=True))
+            gan_w = cfg.gan_weight * schedule.gan_weight(epoch + state["batch"] / steps_per_epoch)
+            replace = stages and schedule.replacement and state["step"] % cfg.replace_every == 0
+            if replace:  # one wait on the device, which replacement has anyway
+                window["dead_before"] = int(trainer.model.vq.upkeep.dead(cfg.threshold).sum())
+            losses, out, counts, bad, dead = train_step(cfg, trainer, x, gan_w, schedule.commitment,
+                                                        replace, device)
+            accumulate(window, losses, out, counts, bad, dead)
+            commit_sum += torch.where(bad, 0.0, out.losses["commit"].detach().float())
+            commit_n += (~bad).float()
+            state["step"] += 1
+            state["batch"] += 1
+            steps_this_run += 1
+            bar.update(1)
+            if state["step"] % cfg.log_every == 0:
+                window["scales"], previous_z = probe_scales(trainer.model, probe, previous_z)
+                streak = log_line(cfg, state, schedule, window, trainer, t_log, world, device, log)
+                state["bad_steps_total"] += int(window["bad"]["total"])
+                if streak >= cfg.max_bad_steps:
+                    raise RuntimeError(f"{streak} steps in a row had a non-finite loss (up to step "
+                                       f"{state['step']}); stopping. They were skipped, so the "
+                                       f"checkpoints in {cfg.out} hold the last good weights.")
+                window, t_log = new_window(cfg, device), time.time()
+            if state["step"] % cfg.ckpt_every == 0:
+                save_checkpoint(cfg, trainer, schedule, state, world, device, log)
+            stopping = stop.poll()
+            if stopping or (cfg.max_steps and steps_this_run >= cfg.max_steps):
+                save_checkpoint(cfg, trainer, schedule, state, world, device, log,
+                                "(stopped by a signal)" if stopping else "(--max-steps)")
+                bar.close()
+                return None
+        bar.close()
+        # End of epoch: the schedule sees the all-ranks mean commitment loss.
+        commit = all_reduce(torch.stack([commit_sum, commit_n]))
+        state.update(epoch=epoch + 1, batch=0)
+        if schedule.end_epoch(epoch, float(commit[0] / commit[1].clamp(min=1))):
+            log(f"stage change: {schedule.stage} from epoch {epoch + 1}")
+            apply_stage(cfg, trainer, schedule, world, device)
+            save_checkpoint(cfg, trainer, schedule, state, world, device, log, f"(entering {schedule.stage})")
+        if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
+            result = evaluate(cfg, trainer.ema, val_loader, device, nets,
+                              os.path.join(cfg.out, f"recon-{epoch:03d}.png"))
+            log(f"eval epoch {epoch}: " + json.dumps(result))
+            if rank == 0:
+                append_jsonl(cfg, {"epoch": epoch, "eval": result})
+
+    # Save and evaluate
+    save_checkpoint(cfg, trainer, schedule, state, world, device, log, "(final)")
+    result = evaluate(cfg, trainer.ema, val_loader, device, nets, os.path.join(cfg.out, "recon-final.png"))
+    skipped = all_reduce(torch.tensor([float(state["skipped_images"])], device=device))
+    result.update(stage_start=schedule.stage_start, skipped_images=int(skipped[0]),
+                  bad_steps=state["bad_steps_total"], steps=state["step"])
+    if rank == 0:
+        write_json_atomic(result, os.path.join(cfg.out, "results.json"))
+    log(json.dumps(result))
+    if world > 1:  # bitwise: weights, every quantizer buffer, the EMA weights
+        check_identical({**{f"model.{k}": v for k, v in trainer.model.state_dict().items()},
+                         **{f"ema.{k}": v for k, v in trainer.ema.state_dict().items()},
+                         **{f"disc.{k}": v for k, v in trainer.disc.named_parameters()}}, device)
+    return result
+
+
 def parse_args(argv=None):
-    """An argparse parser generated from Config; explicit options override the preset."""
+    """An argparse parser generated from Config: --help lists every field with its comment
+    (all its lines) and paper default. Options given on the command line override the preset."""
     import argparse
     import inspect
     import re
-    comments = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(Config), re.M))
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    comments, last = {}, None
+    for line in inspect.getsource(Config).splitlines():
+        field = re.match(r"^\s+(\w+):.*?#\s*(.*)$", line)
+        more = re.match(r"^\s+#\s*(.*)$", line)
+        if field:
+            last = field.group(1)
+            comments[last] = field.group(2)
+        elif more and last:
+            comments[last] += " " + more.group(1)
+        else:
+            last = None
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
+        if f.name == "preset_applied":
+            continue
         flag = "--" + f.name.replace("_", "-")
-        help = f"{comments.get(f.name, '')} (default: {f.default})"
+        help = f"{comments.get(f.name, '')} (default: {f.default})".replace("%", "%%")
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
         else:
             base = {Optional[int]: int, Optional[str]: str}.get(f.type, f.type)
             parser.add_argument(flag, type=base, default=argparse.SUPPRESS, help=help)
     given = vars(parser.parse_args(argv))
-    preset = given.get("preset", "paper")
-    if preset not in PRESETS:
-        parser.error(f"unknown preset {preset!r}; expected one of {list(PRESETS)}")
-    return Config(**{**PRESETS[preset], **given})
+    try:
+        return make_config(given.pop("preset", "paper"), **given)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 if __name__ == "__main__":
     cfg = parse_args()
     try:
         main(cfg)
-    except (DataError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except (DataError, ValueError, FileNotFoundError, OutputError, metrics.WeightsError) as e:
+        message = str(e).strip()
+        if "Original Traceback" in message:  # raised in a DataLoader worker: its last line says it
+            message = message.splitlines()[-1].split(": ", 1)[-1]
+        sys.exit(f"error: {message}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,15 +1,16 @@
 """
 train_mnist.py -- the laptop demo: codebook collapse, and what each part of NSVQ does about it.
 
-    python train_mnist.py                      # NSVQ: stage 1 -> freeze -> warm-up -> stage 2 (GAN)
+    python train_mnist.py                      # NSVQ: stage 1 -> freeze -> warm-up -> stage 2
     python train_mnist.py --quantizer ste      # plain VQ-VAE: watch the codebook collapse
     python train_mnist.py --compare            # the ablation table: 8 methods, same budget, no GAN
     python train_mnist.py --stress             # encoder drift: encoder lr x0.1, x1, x3, x10
-    python train_mnist.py --data-dir ../shared/data/mnist-offline --no-download   # offline
+    python train_mnist.py --data DIR --no-download   # offline, with the IDX files in DIR
 
-Missing MNIST files are downloaded (md5-checked, written atomically) into --data-dir.
+Missing MNIST files are downloaded (md5-checked, written atomically) into --data.
 Outputs go to --out (default runs/mnist/<quantizer>): results.json, ckpt.pt and figures.
 A trained checkpoint is a tokenizer: see load_autoencoder() and the README.
+This is the twin of train_imagenet.py: same helpers, same loop phases, without what scale adds.
 """
 
 import copy
@@ -19,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import struct
 import sys
 import time
@@ -37,59 +39,72 @@ import nsvq
 @dataclass
 class Config:
     # data
-    data_dir: str = "./data/mnist"       # IDX files; missing ones are downloaded here
+    data: str = "./data/mnist"           # folder of IDX files; missing ones are downloaded into it
     dataset: str = "mnist"               # mnist | fashion-mnist
     no_download: bool = False            # never touch the network
     out: Optional[str] = None            # output folder (default runs/mnist/<quantizer>)
+    overwrite: bool = False              # start afresh in an --out that holds an earlier run
     # model
-    quantizer: str = "nsvq"              # ste | ema | simvq | nsvq
-    codebook_size: int = 1024            # K: large enough that plain STE collapses (README)
+    quantizer: str = "nsvq"              # nsvq | simvq | ema | ste
+    codebook_size: int = 1024            # K: large enough that plain STE collapses
     dim: int = 16                        # D, the code dimension
     width: int = 64                      # channels of the conv autoencoder
-    decoder_norm: bool = True            # GroupNorm on the decoder's first layer (README: drift)
+    decoder_norm: bool = True            # GroupNorm on the decoder's first layer (EXPERIMENTS.md)
     beta: float = 0.25                   # commitment weight (VQ-VAE)
-    ema_decay: float = 0.99              # EMAVectorQuantizer decay (VQ-VAE-2's customary value)
-    # NSVQ (defaults measured on MNIST, see README)
+    ema_decay: float = 0.8               # EMAVectorQuantizer decay: 0.8 (the most used VQ library's
+                                         # default) beat VQ-VAE-2's 0.99 by 14% test MSE (EXPERIMENTS.md)
+    # NSVQ (EXPERIMENTS.md: how these were chosen)
     alpha: float = 0.1                   # weight of the dense loss
-    tau: float = 0.35                    # kernel temperature, squared-distance units
+    tau: float = 0.35                    # kernel temperature, in units given by tau_mode
+    tau_mode: str = "absolute"           # absolute (the paper's 0.35) | relative (units of the
+                                         # batch's mean squared distance to the nearest code); equal here
     weighting: str = "softmax"           # softmax (paper) | clamped (authors' earlier code)
     lam: float = 0.01                    # clamp scale for weighting=clamped
     dense: Optional[bool] = None         # dense loss on in stage 1 (default: on for nsvq)
     replace: Optional[bool] = None       # dead-code replacement in stage 1 (default: on for nsvq)
     replace_from: str = "latents"        # latents (authors' earlier code) | codes (paper)
     threshold: float = 0.01              # dead = usage below threshold / K
-    usage_decay: float = 0.9             # usage EMA decay per step: how fast an unused code dies
-    replace_every: int = 1               # replacement cadence in steps
+    usage_horizon: float = 64.0          # usage memory in expected assignments per code (scale-free)
+    replace_every: int = 1               # steps between replacement calls
     stages: Optional[bool] = None        # stage-wise training (default: on for nsvq)
-    patience: int = 10                   # epochs without a new best commitment loss (paper: 10)
-    freeze_epoch: Optional[int] = None   # freeze no later than this; None: leave 1 epoch for warm-up
-                                         # and 1 for stage 2 (GAN) or just 1 (no GAN); 0: plateau only
-    warmup_epochs: int = 1               # warm-up length after the freeze (ours)
+    patience: int = 10                   # epochs without a new best commitment loss (paper)
+    freeze_epoch: Optional[int] = None   # freeze by then at the latest (None: leave the warm-up and,
+                                         # with the GAN, one stage-2 epoch; 0: plateau only)
+    warmup_epochs: int = 1               # encoder frozen, no GAN (ours)
     gan_ramp_epochs: int = 1             # stage-2 GAN ramp (paper: 2; shorter budget here)
-    gan: bool = True                     # adversarial loss in stage 2 (--no-gan skips it)
-    gan_weight: float = 0.1              # weight of the generator's adversarial term
+    # losses
+    gan: bool = True                     # adversarial loss (--no-gan: reconstruction only)
+    gan_weight: float = 0.1              # generator's adversarial weight
     # optimisation
     epochs: int = 5                      # passes over the training split
-    compare_epochs: int = 2              # budget of each of the 8 --compare runs
-    stress_epochs: int = 1               # budget of each of the 16 --stress runs
     batch_size: int = 128
     lr: float = 1e-3                     # Adam, autoencoder and codebook
     encoder_lr_mult: float = 1.0         # encoder lr = lr * this: a faster or slower encoder
     codebook_lr_mult: float = 1.0        # codebook (quantizer parameters) lr = lr * this
-    disc_lr: float = 2e-4                # Adam, discriminator
-    probe_every: int = 50                # steps between probes (drift, churn, utilization, scales)
+    disc_lr: float = 2e-4                # Adam, critic
+    # engine
     device: str = "auto"                 # auto | cpu | cuda | mps
     seed: int = 0
-    resume: bool = False                 # continue from <out>/ckpt.pt
+    resume: str = ""                     # '' | auto (<out>/ckpt.pt) | a path
+    probe_every: int = 50                # steps between probes (drift, churn, utilization, scales)
+    quiet: bool = False                  # no progress bars
     # modes
     compare: bool = False                # run the ablation table instead of one run
+    compare_epochs: int = 2              # budget of each of the 8 --compare runs
     stress: bool = False                 # run the drift stress test instead of one run
-    quiet: bool = False                  # no progress bars
+    stress_epochs: int = 1               # budget of each of the --stress runs
+
+
+QUANTIZERS = ("nsvq", "simvq", "ema", "ste")
 
 
 # -----------------------------------------------------------------------------
 # Data: MNIST IDX files, downloaded and checked
 # -----------------------------------------------------------------------------
+
+class DataError(RuntimeError):
+    """A data file is missing, corrupt or not what it claims to be."""
+
 
 FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
          "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz"}
@@ -111,10 +126,6 @@ DATASETS = {
 }
 
 
-class DataError(RuntimeError):
-    """A data file is missing, corrupt or not what it claims to be."""
-
-
 def download(urls, path, md5):
     """Fetch the first mirror that answers, check its md5, then rename into place (atomic)."""
     errors = []
@@ -134,43 +145,45 @@ def download(urls, path, md5):
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-    raise DataError(f"could not download {os.path.basename(path)}:\n  " + "\n  ".join(errors))
+    raise DataError(f"could not download {os.path.basename(path)} ({'; '.join(errors)})")
 
 
 def read_idx(path, kind):
     """Read a gzipped IDX file, checking gzip integrity, magic number, shape and size."""
-    name = os.path.basename(path)
+    if not os.access(path, os.R_OK):
+        raise DataError(f"cannot read {path}: permission denied")
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:
         raise DataError(f"{path} is not a readable gzip file ({e}); delete it and run again "
-                        f"to re-download it") from None
+                        f"to download it again") from None
     magic, ndim = (2051, 3) if kind == "images" else (2049, 1)
     if len(raw) < 4 + 4 * ndim or struct.unpack(">I", raw[:4])[0] != magic:
-        raise DataError(f"{path}: wrong magic number, expected {magic} for IDX {kind} ({name} "
-                        f"may be a different file); delete it and run again")
+        raise DataError(f"{path}: wrong magic number, expected {magic} for IDX {kind} "
+                        f"({os.path.basename(path)} may be another file); delete it and run again")
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    if dims[0] == 0:
+        raise DataError(f"{path} holds no {kind}")
     if kind == "images" and dims[1:] != (28, 28):
         raise DataError(f"{path}: images are {dims[1]}x{dims[2]}, expected 28x28")
     expected = 4 + 4 * ndim + math.prod(dims)
     if len(raw) != expected:
         raise DataError(f"{path}: {len(raw)} bytes after decompression, header says {expected} "
                         f"(truncated or corrupt); delete it and run again")
-    data = torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8)
-    return data.view(*dims)
+    return torch.frombuffer(bytearray(raw[4 + 4 * ndim:]), dtype=torch.uint8).view(*dims)
 
 
 def load_split(cfg, split):
     """Images (n, 1, 28, 28) float in [0, 1] for split 'train' or 'test'; downloads if needed."""
     spec = DATASETS[cfg.dataset]
-    if os.path.exists(cfg.data_dir) and not os.path.isdir(cfg.data_dir):
-        raise DataError(f"--data-dir {cfg.data_dir} is a file, not a folder")
-    os.makedirs(cfg.data_dir, exist_ok=True)
+    if os.path.exists(cfg.data) and not os.path.isdir(cfg.data):
+        raise DataError(f"--data {cfg.data} is a file, not a folder")
+    os.makedirs(cfg.data, exist_ok=True)
     tensors = {}
     for kind in ("images", "labels"):
         key = f"{split}_{kind}"
-        path = os.path.join(cfg.data_dir, FILES[key])
+        path = os.path.join(cfg.data, FILES[key])
         if not os.path.exists(path):
             urls = [m + FILES[key] for m in spec["mirrors"]]
             if cfg.no_download:
@@ -190,28 +203,25 @@ def load_split(cfg, split):
 
 def make_quantizer(cfg):
     K, D = cfg.codebook_size, cfg.dim
-    upkeep = dict(replace_from=cfg.replace_from, usage_decay=cfg.usage_decay)
+    upkeep = dict(beta=cfg.beta, replace_from=cfg.replace_from, usage_horizon=cfg.usage_horizon)
     if cfg.quantizer == "ste":
-        return nsvq.VectorQuantizer(K, D, cfg.beta, **upkeep)
+        return nsvq.VectorQuantizer(K, D, **upkeep)
     if cfg.quantizer == "ema":
-        return nsvq.EMAVectorQuantizer(K, D, cfg.beta, decay=cfg.ema_decay, **upkeep)
+        return nsvq.EMAVectorQuantizer(K, D, decay=cfg.ema_decay, **upkeep)
     if cfg.quantizer == "simvq":
-        return nsvq.SimVQ(K, D, cfg.beta, usage_decay=cfg.usage_decay)
-    if cfg.quantizer == "nsvq":
-        return nsvq.NSVQ(K, D, cfg.beta, cfg.alpha, cfg.tau, cfg.weighting, cfg.lam, **upkeep)
-    raise ValueError(f"unknown quantizer {cfg.quantizer!r}; expected ste, ema, simvq or nsvq")
+        return nsvq.SimVQ(K, D, beta=cfg.beta, usage_horizon=cfg.usage_horizon)
+    return nsvq.NSVQ(K, D, alpha=cfg.alpha, tau=cfg.tau, tau_mode=cfg.tau_mode,
+                     weighting=cfg.weighting, lam=cfg.lam, **upkeep)
 
 
 class Autoencoder(nn.Module):
     """Conv encoder -> quantizer -> conv decoder. Images (B, 1, 28, 28) in [0, 1].
 
     SiLU, not ReLU: with ReLU a slow encoder (--encoder-lr-mult 0.1) let the decoder's first
-    layer die and the model output the mean image (test MSE 0.123); SiLU has no dead zone.
-    GroupNorm after the decoder's first conv (decoder_norm): without it a fast encoder
-    (--encoder-lr-mult 3 or 10) left the codes behind until replacement re-seeded hundreds of
-    them in one step; the decoder's input jumped ~15x in scale, its output went flat and never
-    recovered. Normalising the decoder's first features makes it indifferent to that jump
-    (README, "Encoder drift"); VQGAN-style decoders, like train_imagenet.py's, normalise too.
+    layer die and the model output the mean image. GroupNorm after the decoder's first conv
+    (decoder_norm): without it a fast encoder (--encoder-lr-mult 3 or 10) left the codes behind
+    until replacement re-seeded hundreds of them in one step, the decoder's input jumped ~15x
+    in scale and its output went flat for good (EXPERIMENTS.md, "Encoder drift").
     """
 
     def __init__(self, cfg):
@@ -253,37 +263,185 @@ def make_discriminator(width=32):
         nn.Conv2d(2 * width, 1, 3, 1, 1))
 
 
+def generator_gan_loss(logits):
+    """Non-saturating generator loss on each image's mean logit: softplus(-mean)."""
+    return F.softplus(-logits.flatten(1).mean(1)).mean()
+
+
+def critic_hinge_loss(logits_real, logits_fake):
+    """Hinge loss of the critic: 0.5 (E relu(1 - real) + E relu(1 + fake))."""
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
 # -----------------------------------------------------------------------------
-# Helpers: checkpoints, evaluation, probes, figures
+# Helpers: files and checkpoints, the training step, probes, evaluation, figures
 # -----------------------------------------------------------------------------
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+class OutputError(RuntimeError):
+    """An output could not be written (full disk, read-only folder) or a checkpoint not read."""
+
+
+def check_free_space(path, needed):
+    folder = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OutputError(f"cannot write {path}: {free / 2**20:.0f} MiB free on its disk, "
+                          f"about {needed / 2**20:.0f} MiB needed")
+
+
+def write_atomic(path, write, needed=0):
+    """write(tmp) to a temporary file unique to this process, then rename it to `path`: a
+    crash, a signal or a full disk never leaves half a file, and the temporary file is removed."""
+    check_free_space(path, needed)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OutputError(f"writing {path} failed ({reason}); {free / 2**20:.0f} MiB free on its "
+                          f"disk, about {needed / 2**20:.0f} MiB needed") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def tensor_bytes(obj):
+    """Bytes of all tensors in a nested checkpoint object (a checkpoint's size, within a few %)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def save_atomic(obj, path):
+    write_atomic(path, lambda tmp: torch.save(obj, tmp), needed=tensor_bytes(obj) + 2**20)
 
 
 def write_json_atomic(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    write_atomic(path, write)
 
 
 def savefig_atomic(fig, path, **kwargs):
-    """Save a matplotlib figure through a temporary file, as save_atomic does for checkpoints."""
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, **kwargs)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", **kwargs))
+
+
+def load_checkpoint(path):
+    """A checkpoint of this script, loaded to the CPU. One-line errors for a file that is
+    truncated, not a checkpoint, or another script's."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise OutputError(f"{path} is not a readable checkpoint (truncated, or not a torch file: "
+                          f"{type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "train_mnist":
+        kind = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise OutputError(f"{path} is not a train_mnist.py checkpoint (it holds: {kind})")
+    return ckpt
 
 
 def load_autoencoder(path, device="cpu"):
     """A trained tokenizer from a checkpoint: model.encode(images), model.decode(indices)."""
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    model = Autoencoder(Config(**ckpt["config"])).to(device)
+    ckpt = load_checkpoint(path)
+    model = Autoencoder(Config(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
-    return model.eval()
+    return model.to(device).eval()
+
+
+@dataclass
+class Trainer:
+    """Everything one training step touches."""
+    model: nn.Module
+    disc: nn.Module
+    opt: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+
+
+def build_trainer(cfg, device):
+    model = Autoencoder(cfg).to(device)
+    disc = make_discriminator().to(device)
+    opt = torch.optim.Adam([
+        {"params": model.encoder.parameters(), "lr": cfg.lr * cfg.encoder_lr_mult},
+        {"params": model.decoder.parameters(), "lr": cfg.lr},
+        {"params": model.vq.parameters(), "lr": cfg.lr * cfg.codebook_lr_mult}])
+    return Trainer(model, disc, opt, torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9)))
+
+
+def apply_stage(cfg, trainer, schedule):
+    """Freeze the encoder and switch the quantizer's terms for the current stage."""
+    trainer.model.encoder.requires_grad_(schedule.encoder_trainable)
+    if isinstance(trainer.model.vq, nsvq.NSVQ):
+        trainer.model.vq.dense = cfg.dense and schedule.dense_loss
+
+
+def train_step(cfg, trainer, x, gan_w, commitment, replace):
+    """One training step: autoencoder + quantizer (+ GAN), the critic, codebook upkeep.
+    Returns (losses, out, counts, dead); dead is None when there was no replacement."""
+    x_hat, z_e, out = trainer.model(x)
+    losses = {"rec": F.mse_loss(x_hat, x), **out.losses}
+    if not commitment:
+        losses["commit"] = losses["commit"].detach() * 0  # encoder frozen: nothing to commit
+    if gan_w > 0:
+        losses["gan"] = gan_w * generator_gan_loss(trainer.disc(x_hat))
+    trainer.opt.zero_grad(set_to_none=True)
+    sum(losses.values()).backward()
+    trainer.opt.step()
+    if gan_w > 0:  # the critic's step
+        d_loss = critic_hinge_loss(trainer.disc(x), trainer.disc(x_hat.detach()))
+        trainer.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        trainer.opt_d.step()
+        losses["disc"] = d_loss.detach()
+    # Codebook upkeep after the step, in the method's order.
+    vq = trainer.model.vq
+    counts = vq.update_(z_e.detach(), out.indices)
+    dead = None
+    if replace:
+        dead = vq.replace_dead_codes_(cfg.threshold)
+        if vq.codebook_by_gradient:
+            nsvq.reset_adam_state_(trainer.opt, vq.embedding, dead)
+    return {k: float(v.detach()) for k, v in losses.items()}, out, counts, dead
+
+
+@torch.no_grad()
+def probe(model, images, previous):
+    """Utilization, reconstruction and scales on a fixed batch, and drift / churn since the
+    previous probe: is the codebook keeping up, and does the decoder still listen?"""
+    model.eval()
+    z = model.encoder(images)
+    out = model.vq(z)
+    model.train()
+    x_hat = model.decoder(out.z_q)
+    zr, zqr = (nsvq.flatten_latents(t, model.vq.dim) for t in (z, out.z_q))  # (N, D)
+    counts = torch.bincount(out.indices.flatten().cpu(), minlength=model.vq.codebook_size)
+    record = {"utilization": nsvq.codebook_stats(counts)["utilization"],
+              "mse": float(F.mse_loss(x_hat, images)),
+              "drift": nsvq.encoder_drift(previous[0], z) if previous else 0.0,
+              "churn": nsvq.assignment_churn(previous[1], out.indices) if previous else 0.0,
+              "latent_norm": float(zr.norm(dim=1).mean()),
+              "code_norm": float(model.vq.codebook.detach().norm(dim=1).mean()),
+              "quant_error": float((zr - zqr).norm(dim=1).mean()),
+              "output_std": float(x_hat.std(0).mean())}
+    return record, (z, out.indices)
+
+
+def log_line(epoch, stage, window, test, record, seconds):
+    """One line per epoch: losses by name, codebook health, the kernel, test error, drift."""
+    means = {k: v / window["steps"] for k, v in window["sums"].items()}
+    health = nsvq.codebook_stats(window["counts"])
+    kernel = "".join(f" {k} {v / window['steps']:.3g}" for k, v in window["diagnostics"].items())
+    print(f"epoch {epoch:2d} | {stage:6s} | " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
+          + f" | util {health['utilization']:.1%} ppl {health['perplexity']:.0f} dead {health['dead_codes']} "
+          f"re-seeded {window['reseeded']}{kernel} | test mse {test['test_mse']:.5f} psnr {test['test_psnr']:.2f} "
+          f"| drift {record['drift']:.4f} churn {record['churn']:.1%} | {seconds:.0f}s", flush=True)
+    return means
 
 
 @torch.no_grad()
@@ -360,25 +518,38 @@ def make_figures(model, test_images, counts, history, stage_start, epochs, out):
 # -----------------------------------------------------------------------------
 
 def resolve(cfg):
-    """Fill the per-quantizer defaults (None fields) and check the options."""
+    """Check every option and fill the defaults that depend on others (None fields)."""
     cfg = copy.deepcopy(cfg)
+    nsvq.check_choice("--quantizer", cfg.quantizer, QUANTIZERS)
+    nsvq.check_choice("--dataset", cfg.dataset, tuple(DATASETS))
+    nsvq.check_choice("--tau-mode", cfg.tau_mode, nsvq.TAU_MODES)
+    nsvq.check_choice("--weighting", cfg.weighting, nsvq.WEIGHTINGS)
+    nsvq.check_choice("--replace-from", cfg.replace_from, nsvq.REPLACE_FROM)
     is_nsvq = cfg.quantizer == "nsvq"
     for field in ("dense", "replace", "stages"):
         if getattr(cfg, field) is None:
             setattr(cfg, field, is_nsvq)
     if cfg.quantizer == "simvq" and cfg.replace:
         raise ValueError("--replace does not apply to simvq (it has no per-code parameters)")
-    if cfg.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {cfg.dataset!r}; expected one of {list(DATASETS)}")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.replace_every < 1:
-        raise ValueError("epochs, batch_size and replace_every must be >= 1")
-    if cfg.width < 2 or (cfg.decoder_norm and cfg.width % 8):
-        raise ValueError(f"width must be >= 2, and a multiple of 8 with decoder_norm (GroupNorm "
-                         f"with 8 groups), got {cfg.width}; or pass --no-decoder-norm")
-    if cfg.encoder_lr_mult <= 0:
-        raise ValueError(f"encoder_lr_mult must be > 0, got {cfg.encoder_lr_mult}")
-    if cfg.freeze_epoch is None:
-        cfg.freeze_epoch = max(1, cfg.epochs - (2 if cfg.gan else 1))
+    for name in ("codebook_size", "dim", "epochs", "batch_size", "replace_every", "patience",
+                 "probe_every", "compare_epochs", "stress_epochs"):
+        nsvq.check_count("--" + name.replace("_", "-"), getattr(cfg, name), 1)
+    for name in ("warmup_epochs", "gan_ramp_epochs"):
+        nsvq.check_count("--" + name.replace("_", "-"), getattr(cfg, name), 0)
+    for name in ("beta", "alpha", "gan_weight"):
+        nsvq.check_number("--" + name.replace("_", "-"), getattr(cfg, name), low=0)
+    for name in ("lr", "encoder_lr_mult", "codebook_lr_mult", "disc_lr", "lam", "usage_horizon"):
+        nsvq.check_number("--" + name.replace("_", "-"), getattr(cfg, name), low=0, low_open=True)
+    nsvq.check_number("--ema-decay", cfg.ema_decay, low=0, high=1, high_open=True)
+    nsvq.check_number("--threshold", cfg.threshold, low=0, high=1)
+    nsvq.check_tau(cfg.tau)
+    nsvq.check_count("--width", cfg.width, 2)
+    if cfg.decoder_norm and cfg.width % 8:
+        raise ValueError(f"--width must be a multiple of 8 with decoder_norm (GroupNorm with 8 groups), "
+                         f"got {cfg.width}; or pass --no-decoder-norm")
+    if cfg.freeze_epoch is None:  # leave the warm-up, and with the GAN one stage-2 epoch
+        cfg.freeze_epoch = max(1, cfg.epochs - cfg.warmup_epochs - (1 if cfg.gan else 0))
+    nsvq.check_count("--freeze-epoch", cfg.freeze_epoch, 0)
     cfg.freeze_epoch = cfg.freeze_epoch or None  # 0: freeze on the plateau only
     cfg.out = cfg.out or os.path.join("runs", "mnist", cfg.quantizer)
     if cfg.device == "auto":
@@ -390,147 +561,114 @@ def resolve(cfg):
     return cfg
 
 
+def prepare_out(cfg):
+    """Create --out, refusing to train over an earlier run without --resume or --overwrite."""
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise OutputError(f"--out {cfg.out} is a file, not a folder")
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--out {cfg.out}: cannot create it ({e.strerror})") from None
+    if not os.access(cfg.out, os.W_OK):
+        raise OutputError(f"--out {cfg.out} is not writable")
+    ckpt = os.path.join(cfg.out, "ckpt.pt")
+    if not cfg.resume and os.path.exists(ckpt):
+        if not cfg.overwrite:
+            raise OutputError(f"--out {cfg.out} holds an earlier run: continue it with --resume auto, "
+                              f"or pass --overwrite to start afresh (its checkpoint is deleted)")
+        os.remove(ckpt)
+
+
 def main(cfg):
+    # Setup
     cfg = resolve(cfg)
-    os.makedirs(cfg.out, exist_ok=True)
+    prepare_out(cfg)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
-    train_images, test_images = load_split(cfg, "train"), load_split(cfg, "test")
-    probe = test_images[:1000].to(device)  # fixed batch for drift, churn and curves
 
-    model = Autoencoder(cfg).to(device)
-    disc = make_discriminator().to(device)
-    opt = torch.optim.Adam([
-        {"params": model.encoder.parameters(), "lr": cfg.lr * cfg.encoder_lr_mult},
-        {"params": model.decoder.parameters(), "lr": cfg.lr},
-        {"params": model.vq.parameters(), "lr": cfg.lr * cfg.codebook_lr_mult}])
-    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9))
-    # Without stages the schedule never leaves stage 1.
-    schedule = nsvq.StageSchedule(cfg.patience, cfg.freeze_epoch if cfg.stages else None,
+    # Setup data
+    train_images, test_images = load_split(cfg, "train"), load_split(cfg, "test")
+    steps_per_epoch = len(train_images) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training split "
+                         f"({len(train_images)} images): no step would be taken")
+    probe_images = test_images[:1000].to(device)  # a fixed batch for drift, churn and curves
+
+    # Create model
+    trainer = build_trainer(cfg, device)
+    schedule = nsvq.StageSchedule(cfg.patience if cfg.stages else None,
+                                  cfg.freeze_epoch if cfg.stages else None,
                                   cfg.warmup_epochs, cfg.gan_ramp_epochs)
-    if not cfg.stages:
-        schedule.patience = math.inf
-    start_epoch, step, history, train_seconds = 0, 0, [], 0.0
-    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    state = {"epoch": 0, "step": 0, "history": [], "train_seconds": 0.0}
     if cfg.resume:
-        if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        path = os.path.join(cfg.out, "ckpt.pt") if cfg.resume == "auto" else cfg.resume
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--resume {cfg.resume}: no checkpoint at {path}")
+        ckpt = load_checkpoint(path)
         for key in ("quantizer", "codebook_size", "dim", "width", "decoder_norm"):
             if ckpt["config"].get(key) != getattr(cfg, key):
                 raise ValueError(f"--resume: checkpoint has {key}={ckpt['config'].get(key)!r}, "
                                  f"this run asks for {getattr(cfg, key)!r}")
-        model.load_state_dict(ckpt["model"])
-        disc.load_state_dict(ckpt["disc"])
-        opt.load_state_dict(ckpt["opt"])
-        opt_d.load_state_dict(ckpt["opt_d"])
+        for name in ("model", "disc", "opt", "opt_d"):
+            getattr(trainer, name).load_state_dict(ckpt[name])
         schedule.load_state_dict(ckpt["schedule"])
-        start_epoch, step, history = ckpt["epoch"] + 1, ckpt["step"], ckpt["history"]
-        train_seconds = ckpt["train_seconds"]
+        state = ckpt["state"]
         torch.set_rng_state(ckpt["rng"])
-        print(f"resumed from {ckpt_path} at epoch {start_epoch} ({schedule.stage})")
+        print(f"resumed from {path} at epoch {state['epoch']} ({schedule.stage})")
 
-    vq = model.vq
-    steps_per_epoch = len(train_images) // cfg.batch_size
-    with torch.no_grad():
-        prev_z, prev_idx = model.encoder(probe), None
-    for epoch in range(start_epoch, cfg.epochs):
-        # Apply the stage: freeze the encoder, switch the dense loss and replacement.
-        stage = schedule.stage
-        model.encoder.requires_grad_(schedule.encoder_trainable)
-        vq.dense = cfg.dense and schedule.dense_loss
+    # Training loop
+    _, previous = probe(trainer.model, probe_images, None)  # the reference for the first drift
+    while state["epoch"] < cfg.epochs:
+        epoch, stage = state["epoch"], schedule.stage
+        apply_stage(cfg, trainer, schedule)
         replace = cfg.replace and schedule.replacement
-        use_gan = cfg.gan and stage == "stage2"
         order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        sums, counts, n_rep, t0 = {}, torch.zeros(cfg.codebook_size), 0, time.time()
+        window = {"sums": {}, "diagnostics": {}, "counts": torch.zeros(cfg.codebook_size), "reseeded": 0, "steps": 0}
+        t0 = time.time()
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch} {stage}", disable=cfg.quiet,
                    leave=False, dynamic_ncols=True)
         for i in bar:
             x = train_images[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]].to(device)
-            x_hat, z_e, out = model(x)
-            losses = {"rec": F.mse_loss(x_hat, x), **out.losses}
-            if "commit" in losses and not schedule.commitment:
-                losses["commit"] = losses["commit"].detach() * 0  # encoder frozen: nothing to commit
-            if use_gan:
-                ramp = schedule.gan_weight(epoch + i / steps_per_epoch)
-                losses["gan"] = cfg.gan_weight * ramp * F.softplus(-disc(x_hat)).mean()
-            loss = sum(losses.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if use_gan:  # hinge loss for the critic
-                d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(x_hat.detach())).mean()
-                opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
-                opt_d.step()
-            # Codebook upkeep, after the optimizer step, in the method's order.
-            vq.update_(z_e.detach(), out.indices)
-            if replace and step % cfg.replace_every == 0:
-                dead = vq.replace_dead_codes_(cfg.threshold)
-                n_rep += len(dead)
-                if vq.codebook_by_gradient:
-                    nsvq.reset_adam_state_(opt, vq.embedding, dead)
-            counts += torch.bincount(out.indices.flatten().cpu(), minlength=cfg.codebook_size)
+            gan_w = cfg.gan_weight * schedule.gan_weight(epoch + i / steps_per_epoch) if cfg.gan else 0.0
+            losses, out, counts, dead = train_step(cfg, trainer, x, gan_w, schedule.commitment,
+                                                   replace and state["step"] % cfg.replace_every == 0)
             for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            step += 1
-            if step % cfg.probe_every == 0:  # fixed intervals, so drift and churn compare
-                with torch.no_grad():
-                    model.eval()
-                    z = model.encoder(probe)
-                    p_out = vq(z)
-                    model.train()
-                    probe_counts = torch.bincount(p_out.indices.flatten().cpu(), minlength=cfg.codebook_size)
-                    probe_hat = model.decoder(p_out.z_q)
-                    zr, zqr = (nsvq.flatten_latents(t, cfg.dim) for t in (z, p_out.z_q))  # (N, D)
-                    history.append({
-                        "epoch": epoch + (i + 1) / steps_per_epoch, "step": step, "stage": stage,
-                        "utilization": nsvq.codebook_stats(probe_counts)["utilization"],
-                        "mse": float(F.mse_loss(probe_hat, probe)),
-                        "drift": nsvq.encoder_drift(prev_z, z),
-                        "churn": nsvq.assignment_churn(prev_idx, p_out.indices) if prev_idx is not None else 0.0,
-                        # scales: is the codebook keeping up, and does the decoder still listen?
-                        "latent_norm": float(zr.norm(dim=1).mean()),
-                        "code_norm": float(vq.codebook.detach().norm(dim=1).mean()),
-                        "quant_error": float((zr - zqr).norm(dim=1).mean()),
-                        "output_std": float(probe_hat.std(0).mean())})
-                    prev_z, prev_idx = z, p_out.indices
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", util=f"{history[-1]['utilization']:.0%}")
-        train_seconds += time.time() - t0
-
-        means = {k: v / steps_per_epoch for k, v in sums.items()}
-        last = history[-1] if history else {"drift": 0.0, "churn": 0.0}
-        health = nsvq.codebook_stats(counts)
-        test, _ = evaluate(model, test_images)
-        mass = ""
-        if isinstance(vq, nsvq.NSVQ):
-            with torch.no_grad():
-                z = nsvq.flatten_latents(model.encoder(probe), cfg.dim)
-                mass = f" mass {nsvq.kernel_mass(z, vq.codebook, vq.tau, vq.weighting, vq.lam):.2f}"
-        print(f"epoch {epoch:2d} | {stage:6s} | " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
-              + f" | util {health['utilization']:.1%} ppl {health['perplexity']:.0f} "
-              f"dead {health['dead_codes']} replaced {n_rep}{mass} | test mse {test['test_mse']:.5f} "
-              f"psnr {test['test_psnr']:.2f} | drift {last['drift']:.4f} "
-              f"churn {last['churn']:.1%} | {time.time() - t0:.0f}s", flush=True)
-        changed = schedule.end_epoch(epoch, means.get("commit", 0.0))
-        if changed:
+                window["sums"][k] = window["sums"].get(k, 0.0) + v
+            for k, v in out.diagnostics.items():  # NSVQ: kernel mass and tau, per step
+                window["diagnostics"][k] = window["diagnostics"].get(k, 0.0) + float(v)
+            window["counts"] += counts.cpu()
+            window["reseeded"] += 0 if dead is None else len(dead)
+            window["steps"] += 1
+            state["step"] += 1
+            if state["step"] % cfg.probe_every == 0:  # fixed intervals, so drift and churn compare
+                record, previous = probe(trainer.model, probe_images, previous)
+                state["history"].append({"epoch": epoch + (i + 1) / steps_per_epoch, "step": state["step"],
+                                         "stage": stage, **record})
+                bar.set_postfix(loss=f"{sum(losses.values()):.4f}", util=f"{record['utilization']:.0%}")
+        state["train_seconds"] += time.time() - t0
+        test, _ = evaluate(trainer.model, test_images)
+        last = state["history"][-1] if state["history"] else {"drift": 0.0, "churn": 0.0}
+        means = log_line(epoch, stage, window, test, last, time.time() - t0)
+        if schedule.end_epoch(epoch, means.get("commit", 0.0)):
             print(f"stage change: {schedule.stage} from epoch {epoch + 1}")
-        save_atomic({"config": dataclasses.asdict(cfg), "model": model.state_dict(),
-                     "disc": disc.state_dict(), "opt": opt.state_dict(), "opt_d": opt_d.state_dict(),
-                     "schedule": schedule.state_dict(), "epoch": epoch, "step": step,
-                     "history": history, "train_seconds": train_seconds,
-                     "rng": torch.get_rng_state()}, ckpt_path)
+        state["epoch"] = epoch + 1
+        save_atomic({"kind": "train_mnist", "config": dataclasses.asdict(cfg),
+                     "model": trainer.model.state_dict(), "disc": trainer.disc.state_dict(),
+                     "opt": trainer.opt.state_dict(), "opt_d": trainer.opt_d.state_dict(),
+                     "schedule": schedule.state_dict(), "state": state, "rng": torch.get_rng_state()},
+                    os.path.join(cfg.out, "ckpt.pt"))
 
-    test, counts = evaluate(model, test_images)
+    # Save and evaluate
+    test, counts = evaluate(trainer.model, test_images)
     results = {"quantizer": cfg.quantizer, "codebook_size": cfg.codebook_size, **test,
-               "train_seconds": train_seconds, "epochs": cfg.epochs,
-               "stage_start": schedule.stage_start, "history": history,
+               "train_seconds": state["train_seconds"], "epochs": cfg.epochs,
+               "stage_start": schedule.stage_start, "history": state["history"],
                "config": dataclasses.asdict(cfg)}
     write_json_atomic(results, os.path.join(cfg.out, "results.json"))
-    make_figures(model, test_images, counts, history, schedule.stage_start, cfg.epochs, cfg.out)
+    make_figures(trainer.model, test_images, counts, state["history"], schedule.stage_start, cfg.epochs, cfg.out)
     print(f"{cfg.quantizer}: test mse {test['test_mse']:.5f}, psnr {test['test_psnr']:.2f} dB, "
           f"utilization {test['utilization']:.1%}, perplexity {test['perplexity']:.0f}, "
-          f"{train_seconds:.0f}s -> {cfg.out}")
+          f"{state['train_seconds']:.0f}s -> {cfg.out}")
     return results
 
 
@@ -549,8 +687,10 @@ VARIANTS = {  # name -> overrides: each method with its customary settings
     "nsvq": dict(quantizer="nsvq"),
 }
 # The stress test adds NSVQ with the first version of the demo model, whose decoder had no
-# normalisation: under a fast encoder it collapsed to the mean image (README, "Encoder drift").
+# normalisation: under a fast encoder it collapsed to the mean image (EXPERIMENTS.md).
 STRESS_VARIANTS = {**VARIANTS, "nsvq-no-decoder-norm": dict(quantizer="nsvq", decoder_norm=False)}
+STRESS_METHODS = ("ste+replace", "ema+replace", "nsvq", "nsvq-no-decoder-norm")
+STRESS_MULTS = (0.1, 1.0, 3.0, 10.0)
 TABLE_KEYS = ("utilization", "perplexity", "test_mse", "test_psnr", "train_seconds")
 
 
@@ -559,7 +699,7 @@ def run_variants(cfg, runs, out, epochs):
     results = []
     for name, overrides in runs:
         print(f"\n=== {name} ===")
-        run_cfg = dataclasses.replace(cfg, compare=False, stress=False, gan=False, resume=False,
+        run_cfg = dataclasses.replace(cfg, compare=False, stress=False, gan=False, resume="", overwrite=True,
                                       epochs=epochs, quiet=True, out=os.path.join(out, name), **overrides)
         results.append({"name": name, **{k: v for k, v in main(run_cfg).items() if k != "config"}})
     return results
@@ -593,10 +733,6 @@ def compare(cfg):
     return results
 
 
-STRESS_METHODS = ("ste+replace", "ema+replace", "nsvq", "nsvq-no-decoder-norm")
-STRESS_MULTS = (0.1, 1.0, 3.0, 10.0)
-
-
 def stress(cfg):
     out = cfg.out or os.path.join("runs", "mnist", "stress")
     runs = [(f"{m}@x{mult:g}", dict(STRESS_VARIANTS[m], encoder_lr_mult=mult))
@@ -604,8 +740,8 @@ def stress(cfg):
     results = run_variants(cfg, runs, out, cfg.stress_epochs)
     for r in results:
         r["method"], r["encoder_lr_mult"] = r["name"].split("@x")[0], float(r["name"].split("@x")[1])
-        r["max_drift"] = max(h["drift"] for h in r["history"])
-        r["mean_churn"] = sum(h["churn"] for h in r["history"]) / len(r["history"])
+        r["max_drift"] = max((h["drift"] for h in r["history"]), default=0.0)
+        r["mean_churn"] = sum(h["churn"] for h in r["history"]) / max(len(r["history"]), 1)
     print_table(results, extra=("max_drift", "mean_churn"))
     write_json_atomic([{k: v for k, v in r.items() if k != "history"} for r in results],
                       os.path.join(out, "stress.json"))
@@ -626,18 +762,27 @@ def stress(cfg):
 
 
 def parse_args(argv=None):
-    """An argparse parser generated from Config: --help lists every field with its default."""
+    """An argparse parser generated from Config: --help lists every field with its comment
+    (all its lines) and default."""
     import argparse
     import inspect
     import re
-    comments = dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(Config), re.M))
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    comments, last = {}, None
+    for line in inspect.getsource(Config).splitlines():
+        field = re.match(r"^\s+(\w+):.*?#\s*(.*)$", line)
+        more = re.match(r"^\s+#\s*(.*)$", line)
+        if field:
+            last = field.group(1)
+            comments[last] = field.group(2)
+        elif more and last:
+            comments[last] += " " + more.group(1)
+        else:
+            last = None
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        help = f"{comments.get(f.name, '')} (default: {f.default})"
-        if f.type is bool and not f.default:
-            parser.add_argument(flag, action="store_true", help=help)
-        elif f.type in (bool, Optional[bool]):  # --gan / --no-gan
+        help = f"{comments.get(f.name, '')} (default: {f.default})".replace("%", "%%")
+        if f.type in (bool, Optional[bool]):  # --gan / --no-gan
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
         else:
             base = {Optional[int]: int, Optional[str]: str}.get(f.type, f.type)
@@ -654,5 +799,5 @@ if __name__ == "__main__":
             stress(cfg)
         else:
             main(cfg)
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, ValueError, FileNotFoundError, OutputError) as e:
         sys.exit(f"error: {e}")
