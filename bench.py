@@ -76,12 +76,16 @@ def quantizer_step(vq, z_e):
 
 
 def peak_memory(N, K, D, device):
-    """Peak memory (bytes) of one NSVQ forward+backward, in a fresh interpreter."""
+    """Peak memory (bytes) of one NSVQ forward+backward, in a fresh interpreter. The RSS peak is
+    read from /proc (VmHWM): ru_maxrss would carry over the parent's peak through fork + exec."""
     code = (f"import torch, resource, json, nsvq\n"
             f"vq = nsvq.NSVQ({K}, {D}).to('{device}')\n"
             f"z = torch.randn({N}, {D}, device='{device}', requires_grad=True)\n"
             f"out = vq(z); sum(out.losses.values()).backward()\n"
-            f"peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+            f"try:\n"
+            f"    peak = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+            f"except (OSError, IndexError):\n"
+            f"    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
             f"gpu = torch.cuda.max_memory_allocated() if '{device}' == 'cuda' else 0\n"
             f"print(json.dumps({{'rss': peak, 'gpu': gpu}}))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -130,6 +134,49 @@ def quantizer_table(args):
     print(f"NSVQ peak memory at N={mem_N}, K={mem_K}, D={mem_D}: {mem[key] / 2**30:.2f} GiB "
           f"({'GPU allocated' if key == 'gpu' else 'process RSS'})")
     return {"rows": rows, "peak_memory": mem, "device": device}
+
+
+def imagenet_steps(device, batch, repeats, quick):
+    """train_imagenet.py's own train_step: time and peak memory of the paper preset on synthetic
+    images at `batch` images per device, NSVQ and SimVQ, in fp32 eager, bf16 eager and bf16 +
+    compile (quick: the tiny preset, eager only). Random LPIPS weights (they do not change the
+    cost); NSVQ replaces every step, as the worst case of its cadence."""
+    import metrics
+    import train_imagenet as ti
+    device = torch.device(device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    runs = [("none", False), ("bf16", False)] + ([] if quick else [("bf16", True)])  # compiling: ~1 min
+    rows = []
+    for quantizer in ("nsvq", "simvq"):
+        for amp, compile_ in runs:
+            cfg = ti.resolve(ti.make_config("tiny" if quick else "paper", data="-", quantizer=quantizer, amp=amp,
+                                            compile=compile_, perceptual_weight=1.0, lpips_weights="random"))
+            torch.manual_seed(0)
+            trainer = ti.build_trainer(cfg, device, metrics.LPIPS("vgg", "random").to(device))
+            ti.apply_stage(cfg, trainer, nsvq.StageSchedule(None, None), 1, device)
+            x = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+            replace = quantizer == "nsvq"
+            step = lambda: ti.train_step(cfg, trainer, x, cfg.gan_weight, True, replace, device)  # noqa: E731
+            for _ in range(3):  # warm-up (and compilation)
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t = time_round_robin({"step": step}, repeats, device.type)["step"]
+            mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+            rows.append({"quantizer": quantizer, "amp": amp, "compile": compile_, "ms": t * 1e3,
+                         "img_per_s": batch / t, "peak_gib": mem})
+    print(f"\ntrain_imagenet.py train_step, {'tiny' if quick else 'paper'} preset, batch {batch} per "
+          f"device, {device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "") + "\n")
+    print("| quantizer | run | ms/step | img/s | peak GiB |\n|---|---|---:|---:|---:|")
+    for r in rows:
+        run = f"{r['amp']}{' + compile' if r['compile'] else ''}"
+        print(f"| {r['quantizer']} | {run} | {r['ms']:.0f} | {r['img_per_s']:.1f} | {r['peak_gib']:.2f} |")
+    for i, run in enumerate(("fp32 eager", "bf16 eager", "bf16 + compile")[:len(runs)]):
+        nsvq_row, simvq_row = rows[i], rows[i + len(runs)]
+        print(f"NSVQ / SimVQ, {run}: time {nsvq_row['ms'] / simvq_row['ms']:.2f}x, "
+              f"memory {nsvq_row['peak_gib'] / simvq_row['peak_gib']:.2f}x")
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -334,8 +381,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.imagenet:
-        import train_imagenet
-        result = train_imagenet.benchmark_steps(args.device, args.batch, args.repeats, args.quick)
+        result = imagenet_steps(args.device, args.batch, args.repeats, args.quick)
     elif args.scale_sim:
         result = scale_simulation(args)
     else:

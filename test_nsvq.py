@@ -1216,9 +1216,10 @@ def test_imagenet_prepare_into_a_file_and_an_all_corrupt_folder_give_one_line(tm
            "--out", str(tmp_path / "o"), "--workers", "2", "--quiet"]
     run = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
-    last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: 24 unreadable images in a row"), run.stderr[-1500:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: 24 unreadable images in a row"), run.stderr[-1500:]
     assert "Traceback" not in run.stderr
+    assert run.stderr.count("warning: skipping") <= 20  # ten per worker
 
 
 def test_mnist_unreadable_and_empty_idx_files_get_clear_errors(tmp_path):

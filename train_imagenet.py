@@ -194,13 +194,14 @@ class ImageFolder(Dataset):
     """Items are (index, epoch) keys from a sampler -> (uint8 image (3, S, S), images skipped).
 
     The random crop is a function of (seed, epoch, index), so a resumed run sees the same crops.
-    An unreadable file is replaced by the next one, named in a warning and counted.
+    An unreadable file is replaced by the next one and counted (the first ten are named).
     """
 
     MAX_SKIP = 100
 
     def __init__(self, root, split, size, train, seed):
         self.files, self.size, self.train, self.seed = list_images(root, split), size, train, seed
+        self.warned = 0
 
     def __len__(self):
         return len(self.files)
@@ -213,7 +214,9 @@ class ImageFolder(Dataset):
             try:
                 img = read_rgb(path)
             except (OSError, ValueError, Image.DecompressionBombError) as e:
-                print(f"warning: skipping {path}: {e}", file=sys.stderr)
+                self.warned += 1
+                if self.warned <= 10:  # per worker process; all of them are counted in the log
+                    print(f"warning: skipping {path}: {e}", file=sys.stderr)
                 continue
             rng = random.Random(hash((self.seed, epoch, index))) if self.train else None
             array = np.asarray(resize_and_crop(img, self.size, rng))
@@ -649,9 +652,9 @@ def build_trainer(cfg, device, lpips):
 def apply_stage(cfg, trainer, schedule, world, device):
     """Freeze the encoder and switch the quantizer's terms; (re)build the compiled, DDP-wrapped
     modules. Compile before wrapping; rebuild the wrapper instead of changing requires_grad on
-    a live one. broadcast_buffers=False: the quantizer keeps its own buffers identical on every
-    rank (its collectives live in update_ and replace_dead_codes_), and the critic's BatchNorm
-    running statistics are never used (the critic always runs in training mode)."""
+    a live one. No buffer syncing in forward: the quantizer keeps its own buffers identical on
+    every rank (its collectives live in update_ and replace_dead_codes_), and the critic's
+    BatchNorm running statistics are never used (the critic always runs in training mode)."""
     trainer.model.encoder.requires_grad_(schedule.encoder_trainable)
     if isinstance(trainer.model.vq, nsvq.NSVQ):
         trainer.model.vq.dense = schedule.dense_loss
@@ -670,9 +673,9 @@ def train_step(cfg, trainer, x, gan_w, commitment, replace, device):
     """One training step, the one definition the loop and bench.py --imagenet both run:
     autoencoder + quantizer + LPIPS + GAN, the critic, codebook upkeep, the weight EMA.
 
-    Returns (losses, out, counts, bad): device tensors, nothing read on the host -- except
-    when `replace` is set: replacement reads how many codes are dead (one wait on the device)
-    and returns their indices as the fifth item.
+    Returns (losses, out, counts, bad, dead): device tensors, nothing read on the host, except
+    when `replace` is set: replacement reads how many codes are dead (one wait on the device),
+    and `dead` holds the indices it re-seeded (None without replacement).
     """
     with autocast(cfg, device):
         x_hat, z_e, out = trainer.train_model(x)
@@ -714,49 +717,6 @@ def train_step(cfg, trainer, x, gan_w, commitment, replace, device):
             trainer.ema.vq.embedding[dead] = vq.embedding[dead]  # re-seeded codes: copied, not averaged
     losses = {k: v.detach().float() for k, v in losses.items()}
     return losses, out, counts, bad, dead
-
-
-def benchmark_steps(device, batch, repeats, quick):
-    """bench.py --imagenet: train_step's time and peak memory, paper preset on synthetic images
-    at `batch` images per device, for NSVQ and SimVQ in fp32 eager, bf16 eager, bf16 + compile
-    (quick: the tiny preset, eager only).
-    Random LPIPS weights (they do not change the cost); NSVQ replaces every step."""
-    import bench
-    device = torch.device(device)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    rows = []
-    runs = [("none", False), ("bf16", False)] + ([] if quick else [("bf16", True)])  # compiling: ~1 min
-    for quantizer in ("nsvq", "simvq"):
-        for amp, compile_ in runs:
-            cfg = resolve(make_config("tiny" if quick else "paper", data="-", quantizer=quantizer, amp=amp,
-                                      compile=compile_, perceptual_weight=1.0, lpips_weights="random"))
-            torch.manual_seed(0)
-            trainer = build_trainer(cfg, device, metrics.LPIPS("vgg", "random").to(device))
-            schedule = nsvq.StageSchedule(None, None)
-            apply_stage(cfg, trainer, schedule, 1, device)
-            x = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
-            replace = quantizer == "nsvq"
-            step = lambda: train_step(cfg, trainer, x, cfg.gan_weight, True, replace, device)  # noqa: E731
-            for _ in range(3):  # warm-up (and compilation)
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t = bench.time_round_robin({"step": step}, repeats, device.type)["step"]
-            mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
-            rows.append({"quantizer": quantizer, "amp": amp, "compile": compile_, "ms": t * 1e3,
-                         "img_per_s": batch / t, "peak_gib": mem})
-    print(f"\ntrain_imagenet.py train_step, {'tiny' if quick else 'paper'} preset, batch {batch} per "
-          f"device, {device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "") + "\n")
-    print("| quantizer | run | ms/step | img/s | peak GiB |\n|---|---|---:|---:|---:|")
-    for r in rows:
-        run = f"{r['amp']}{' + compile' if r['compile'] else ''}"
-        print(f"| {r['quantizer']} | {run} | {r['ms']:.0f} | {r['img_per_s']:.1f} | {r['peak_gib']:.2f} |")
-    for i, run in enumerate(("fp32 eager", "bf16 eager", "bf16 + compile")[:len(runs)]):
-        nsvq_row, simvq_row = rows[i], rows[i + len(runs)]
-        print(f"NSVQ / SimVQ, {run}: time {nsvq_row['ms'] / simvq_row['ms']:.2f}x, "
-              f"memory {nsvq_row['peak_gib'] / simvq_row['peak_gib']:.2f}x")
-    return rows
 
 
 class StopSignal:
