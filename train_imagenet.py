@@ -470,10 +470,6 @@ def critic_hinge_loss(logits_real, logits_fake):
 # Helpers: distributed setup, files and checkpoints, the training step, logging, evaluation
 # -----------------------------------------------------------------------------
 
-class OutputError(RuntimeError):
-    """An output could not be written (full disk, read-only folder) or a checkpoint not read."""
-
-
 def setup_distributed(cfg):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python runs one process, no group."""
     if cfg.device == "auto":
@@ -504,6 +500,10 @@ def autocast(cfg, device):
     if cfg.amp == "none":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
+
+
+class OutputError(RuntimeError):
+    """An output could not be written (full disk, read-only folder) or a checkpoint not read."""
 
 
 def check_free_space(path, needed):
@@ -756,11 +756,11 @@ class StopSignal:
 
 
 @torch.no_grad()
-def probe_scales(model, probe, previous):
+def probe(model, images, previous):
     """Latent norm, quantization error and drift of the encoder on a fixed batch (device tensors)."""
     was_training = model.training
     model.eval()
-    z_e = model.encoder(probe).float()
+    z_e = model.encoder(images).float()
     z = nsvq.flatten_latents(z_e, model.vq.dim)
     indices = nsvq.nearest_code(z, model.vq.codebook.detach())
     model.train(was_training)
@@ -1075,8 +1075,8 @@ def main(cfg):
     train_loader = make_loader(cfg, "train", rank, world, train=True)
     if cfg.bench_loader:
         return bench_loader(cfg, train_loader, log)
-    probe = torch.stack([val_loader.dataset[(i, 0)][0] for i in range(min(8, len(val_loader.dataset)))])
-    probe = to_model_range(probe.to(device))  # a fixed batch, the same on every rank, for the scales
+    probe_images = torch.stack([val_loader.dataset[(i, 0)][0] for i in range(min(8, len(val_loader.dataset)))])
+    probe_images = to_model_range(probe_images.to(device))  # a fixed batch, the same on every rank
 
     # Training loop
     apply_stage(cfg, trainer, schedule, world, device)
@@ -1107,7 +1107,7 @@ def main(cfg):
             steps_this_run += 1
             bar.update(1)
             if state["step"] % cfg.log_every == 0:
-                window["scales"], previous_z = probe_scales(trainer.model, probe, previous_z)
+                window["scales"], previous_z = probe(trainer.model, probe_images, previous_z)
                 streak = log_line(cfg, state, schedule, window, trainer, t_log, world, device, log)
                 state["bad_steps_total"] += int(window["bad"]["total"])
                 if streak >= cfg.max_bad_steps:
