@@ -621,8 +621,10 @@ class EMAVectorQuantizer(VectorQuantizer):
     Laplace smoothing (eps) keeps an unused code from dividing by ~0. No codebook gradient and
     no "codebook" loss key; the commitment term is as in VectorQuantizer. Statistics start as
     one assignment per code at its initial value, so unused codes stay put instead of blowing up.
-    Arguments: those of VectorQuantizer, plus decay in [0, 1) (0.99: VQ-VAE-2; the most used
-    VQ library defaults to 0.8) and eps > 0.
+    Arguments: those of VectorQuantizer, plus decay in [0, 1) and eps > 0. decay is per call,
+    so its memory in assignments depends on the scale: 0.8 (the most used VQ library's default)
+    beats VQ-VAE-2's 0.99 on MNIST, but at half a latent per code per step codes starved of
+    assignments shrink to the origin (EXPERIMENTS.md, section 4).
     Shapes: as VectorQuantizer.
     """
 

@@ -514,12 +514,16 @@ def check_free_space(path, needed):
                           f"about {needed / 2**20:.0f} MiB needed")
 
 
-def write_atomic(path, write, needed=0):
-    """write(tmp) to a temporary file unique to this process, then rename it to `path`: a
-    crash, a signal or a full disk never leaves half a file, and the temporary file is removed.
-    Only rank 0 writes: any other rank calling this is a bug, and fails loudly."""
+def only_rank_zero(path):
+    """Every file is written by rank 0: another rank writing one is a bug, and fails loudly."""
     if dist_rank() != 0:
         raise RuntimeError(f"rank {dist_rank()} tried to write {path}: only rank 0 writes files")
+
+
+def write_atomic(path, write, needed=0):
+    """write(tmp) to a temporary file unique to this process, then rename it to `path`: a
+    crash, a signal or a full disk never leaves half a file, and the temporary file is removed."""
+    only_rank_zero(path)
     check_free_space(path, needed)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -828,7 +832,9 @@ def log_line(cfg, state, schedule, window, trainer, t_log, world, device, log):
 
 
 def append_jsonl(cfg, record):
-    with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
+    path = os.path.join(cfg.out, "metrics.jsonl")
+    only_rank_zero(path)
+    with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
