@@ -808,10 +808,11 @@ def log_line(cfg, state, schedule, window, trainer, t_log, world, device, log):
     scales = {k: float(v) for k, v in window["scales"].items()}
     bad = {k: int(v) for k, v in window["bad"].items()}
     dead_now = int(trainer.model.vq.upkeep.dead(cfg.threshold).sum())
+    dead_before = int(window["dead_before"])
     ips = window["steps"] * cfg.batch_size / (time.time() - t_log)
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else 0.0
     quantizer = (f"util {health['utilization']:.1%} ppl {health['perplexity']:.0f} dead {dead_now} "
-                 f"(before replacement {window['dead_before']}) re-seeded {window['reseeded']}"
+                 f"(before replacement {dead_before}) re-seeded {window['reseeded']}"
                  + "".join(f" {k} {v:.3g}" for k, v in diagnostics.items()))
     log(f"step {state['step']:7d} | ep {state['epoch']} {schedule.stage:6s} | "
         + " ".join(f"{k} {v:.4f}" for k, v in means.items()) + f" | {quantizer} | "
@@ -820,7 +821,7 @@ def log_line(cfg, state, schedule, window, trainer, t_log, world, device, log):
     if dist_rank() == 0:
         append_jsonl(cfg, {"step": state["step"], "epoch": state["epoch"], "stage": schedule.stage,
                            **means, **diagnostics, **health, **scales, "dead": dead_now, "dead_before_replacement":
-                           window["dead_before"], "reseeded": window["reseeded"],
+                           dead_before, "reseeded": window["reseeded"],
                            "bad_steps": bad["total"], "img_per_s": ips})
     if cfg.check_codebook and world > 1:
         check_identical({f"vq.{k}": v for k, v in trainer.model.vq.state_dict().items()}, device)
@@ -1101,8 +1102,8 @@ def main(cfg):
             x = to_model_range(images.to(device, non_blocking=True))
             gan_w = cfg.gan_weight * schedule.gan_weight(epoch + state["batch"] / steps_per_epoch)
             replace = stages and schedule.replacement and state["step"] % cfg.replace_every == 0
-            if replace:  # one wait on the device, which replacement has anyway
-                window["dead_before"] = int(trainer.model.vq.upkeep.dead(cfg.threshold).sum())
+            if replace:  # kept on the device, read at the log line
+                window["dead_before"] = trainer.model.vq.upkeep.dead(cfg.threshold).sum()
             losses, out, counts, bad, dead = train_step(cfg, trainer, x, gan_w, schedule.commitment,
                                                         replace, device)
             accumulate(window, losses, out, counts, bad, dead)
