@@ -136,17 +136,36 @@ def quantizer_table(args):
     return {"rows": rows, "peak_memory": mem, "device": device}
 
 
+def seed_codebook_(vq, trainer, x):
+    """Put a quantizer in the steady state of training: every code seeded and alive (usage 1/K),
+    the codes spread over the encoder's latents on x (latents plus 1% noise), the latent pool
+    full. What replacement costs then is its cadence's one wait, not the initial seeding, which
+    re-seeds thousands of codes every step for the first few hundred steps."""
+    with torch.no_grad():
+        z = nsvq.flatten_latents(trainer.model.encoder(x).float(), vq.dim)  # (N, D)
+        if vq.codebook_by_gradient and hasattr(vq, "embedding"):
+            rows = z[torch.arange(vq.codebook_size, device=z.device) % len(z)]
+            vq.embedding.copy_(rows + 0.01 * rows.std() * torch.randn_like(rows))
+        vq.upkeep.usage.fill_(1.0 / vq.codebook_size)
+        vq.upkeep.seeded.fill_(True)
+        if len(vq.upkeep.latent_pool):
+            vq.update_(trainer.model.encoder(x), vq(trainer.model.encoder(x)).indices)
+
+
 def imagenet_steps(device, batch, repeats, quick):
-    """train_imagenet.py's own train_step: time and peak memory of the paper preset on synthetic
-    images at `batch` images per device, NSVQ and SimVQ, in fp32 eager, bf16 eager and bf16 +
-    compile (quick: the tiny preset, eager only). Random LPIPS weights (they do not change the
-    cost); NSVQ replaces every step, as the worst case of its cadence."""
+    """train_imagenet.py's own train_step in the steady state of stage 1, at `batch` images per
+    device (the paper: 4 GPUs x 32), NSVQ and SimVQ, in fp32 eager, bf16 eager and bf16 +
+    compile (quick: the tiny preset, eager only). Each timed unit is one replacement cycle of
+    the preset (--replace-every steps, replacement on the first), reported per step. Random
+    LPIPS weights (they do not change the cost). Plus a figure that no machine changes: the
+    FLOPs of one step (convolutions and matrix products, torch.utils.flop_counter)."""
     import metrics
     import train_imagenet as ti
+    from torch.utils.flop_counter import FlopCounterMode
     device = torch.device(device)
     torch.backends.cuda.matmul.allow_tf32 = False
     runs = [("none", False), ("bf16", False)] + ([] if quick else [("bf16", True)])  # compiling: ~1 min
-    rows = []
+    rows, flops = [], {}
     for quantizer in ("nsvq", "simvq"):
         for amp, compile_ in runs:
             cfg = ti.resolve(ti.make_config("tiny" if quick else "paper", data="-", quantizer=quantizer, amp=amp,
@@ -155,19 +174,27 @@ def imagenet_steps(device, batch, repeats, quick):
             trainer = ti.build_trainer(cfg, device, metrics.LPIPS("vgg", "random").to(device))
             ti.apply_stage(cfg, trainer, nsvq.StageSchedule(None, None), 1, device)
             x = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
-            replace = quantizer == "nsvq"
-            step = lambda: ti.train_step(cfg, trainer, x, cfg.gan_weight, True, replace, device)  # noqa: E731
-            for _ in range(3):  # warm-up (and compilation)
-                step()
+            seed_codebook_(trainer.model.vq, trainer, x)
+            upkeep = quantizer == "nsvq"  # the baselines replace no code
+
+            def cycle():
+                for i in range(cfg.replace_every):
+                    ti.train_step(cfg, trainer, x, cfg.gan_weight, True, upkeep and i == 0, upkeep, device)
+            if amp == "none" and not compile_:
+                with FlopCounterMode(display=False) as counter:
+                    ti.train_step(cfg, trainer, x, cfg.gan_weight, True, upkeep, upkeep, device)
+                flops[quantizer] = counter.get_total_flops()
+            cycle()  # warm-up (and compilation)
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            t = time_round_robin({"step": step}, repeats, device.type)["step"]
+            t = time_round_robin({"cycle": cycle}, repeats, device.type)["cycle"] / cfg.replace_every
             mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
             rows.append({"quantizer": quantizer, "amp": amp, "compile": compile_, "ms": t * 1e3,
                          "img_per_s": batch / t, "peak_gib": mem})
     print(f"\ntrain_imagenet.py train_step, {'tiny' if quick else 'paper'} preset, batch {batch} per "
-          f"device, {device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "") + "\n")
+          f"device, {device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
+          + f", steady state, replacement every {cfg.replace_every} steps\n")
     print("| quantizer | run | ms/step | img/s | peak GiB |\n|---|---|---:|---:|---:|")
     for r in rows:
         run = f"{r['amp']}{' + compile' if r['compile'] else ''}"
@@ -176,7 +203,9 @@ def imagenet_steps(device, batch, repeats, quick):
         nsvq_row, simvq_row = rows[i], rows[i + len(runs)]
         print(f"NSVQ / SimVQ, {run}: time {nsvq_row['ms'] / simvq_row['ms']:.2f}x, "
               f"memory {nsvq_row['peak_gib'] / simvq_row['peak_gib']:.2f}x")
-    return rows
+    print(f"FLOPs per step (conv + matmul): NSVQ {flops['nsvq'] / 1e12:.3f} T, SimVQ "
+          f"{flops['simvq'] / 1e12:.3f} T, ratio {flops['nsvq'] / flops['simvq']:.3f}")
+    return {"rows": rows, "flops": flops, "batch": batch}
 
 
 # -----------------------------------------------------------------------------
@@ -342,7 +371,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--imagenet", action="store_true", help="time train_imagenet.py's training step")
-    parser.add_argument("--batch", type=int, default=16, help="--imagenet: images per device (paper: 16)")
+    parser.add_argument("--batch", type=int, default=32, help="--imagenet: images per device (the paper: 32)")
     parser.add_argument("--scale-sim", action="store_true", help="run the scale simulation instead")
     parser.add_argument("--sim-codes", type=int, default=4096, help="K; K/2 latents per step")
     parser.add_argument("--sim-dim", type=int, default=32, help="D")

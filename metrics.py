@@ -34,6 +34,15 @@ class WeightsError(RuntimeError):
     """Network weights could not be downloaded or read."""
 
 
+def weights_path(spec, name, option):
+    """The file that the folder or file `spec` gives for the public file `name`, or a
+    WeightsError naming `option` and where to download it."""
+    path = os.path.join(spec, name) if os.path.isdir(spec) else spec
+    if not os.path.isfile(path):
+        raise WeightsError(f"{option} {spec}: no file {path} (download {WEIGHT_FILES[name]})")
+    return path
+
+
 def load_weights(spec, name, option):
     """State dict of the public file `name`: from torch.hub ("auto": download once, cached), or
     from the folder or file `spec`. `option` is the command-line flag that sets spec."""
@@ -44,9 +53,7 @@ def load_weights(spec, name, option):
         except Exception as e:
             raise WeightsError(f"could not download {name} ({type(e).__name__}: {e}); on an offline "
                                f"machine download {url} elsewhere and pass its folder with {option}") from None
-    path = os.path.join(spec, name) if os.path.isdir(spec) else spec
-    if not os.path.isfile(path):
-        raise WeightsError(f"{option} {spec}: no file {path} (download {url})")
+    path = weights_path(spec, name, option)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -115,10 +122,17 @@ class LPIPS(nn.Module):
         for i, layer in enumerate(self.features[:self.taps[-1] + 1]):
             h = layer(h)
             if i in self.taps:
-                f = h / (h.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit norm per position
+                f = unit_normalize(h)
                 fx, fy = f.chunk(2)
                 total = total + next(lin)((fx - fy).pow(2)).mean((1, 2, 3))
         return total
+
+
+def unit_normalize(h, eps=1e-10):
+    """h / (||h|| + eps) over channels (dim 1), as LPIPS. The norm is sqrt(sum h^2 + eps^2), not
+    sqrt(sum h^2): the same value wherever sum h^2 >> 1e-20, and a finite gradient (0) at an
+    all-zero feature vector, where the gradient of sqrt at 0 would make it 0 * inf = NaN."""
+    return h / ((h.pow(2).sum(1, keepdim=True) + eps * eps).sqrt() + eps)
 
 
 # -----------------------------------------------------------------------------

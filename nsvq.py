@@ -394,11 +394,13 @@ class CodebookUpkeep(nn.Module):
         self.register_buffer("pool_written", torch.zeros((), dtype=torch.long))  # latents ever added
 
     @torch.no_grad()
-    def observe_(self, z, indices):
-        """Count this call's assignments into usage and add some latents to the pool.
+    def observe_(self, z, indices, refill=True):
+        """Count this call's assignments into usage and (refill=True) add some latents to the pool.
 
         Latents with a non-finite value (a skipped training step) are ignored: they are not
-        counted and never enter the pool. Shapes: z (N, D), indices (N,) -> counts (K,).
+        counted and never enter the pool. refill=False skips the pool and its all_gather, for
+        calls after which no code will be replaced (e.g. once replacement is switched off).
+        Shapes: z (N, D), indices (N,) -> counts (K,).
         """
         K = self.usage.numel()
         ok = torch.isfinite(z).all(1)  # (N,)
@@ -409,7 +411,7 @@ class CodebookUpkeep(nn.Module):
         weight = (n / (K * self.usage_horizon)).clamp(max=1.0)
         self.usage.lerp_(counts / n.clamp(min=1), weight)
         capacity = len(self.latent_pool)
-        if capacity and self.replace_from == "latents":
+        if refill and capacity and self.replace_from == "latents":
             world = dist.get_world_size() if _distributed() else 1
             take = min(len(z), -(-capacity // (4 * world)))  # this rank's share of the refill
             mine = z[torch.randperm(len(z), device=z.device)[:take]].to(self.latent_pool.dtype)
@@ -439,13 +441,16 @@ class CodebookUpkeep(nn.Module):
         """
         check_number("threshold", threshold, low=0, high=1)
         K, D = codebook.shape
-        dead = torch.nonzero(self.dead(threshold) | ~self.seeded).squeeze(1)  # (n_dead,)
-        if dead.numel() == 0:
+        mask = self.dead(threshold) | ~self.seeded  # (K,)
+        # The one read from the device: how many codes to re-seed, and whether there is a source.
+        n_dead, written, live = torch.stack([mask.sum(), self.pool_written, (self.usage > 0).sum()]).tolist()
+        dead = torch.nonzero_static(mask, size=n_dead).squeeze(1)  # (n_dead,), no second wait
+        if n_dead == 0:
             return dead, codebook.new_empty(0, D)
-        if self.replace_from == "latents" and int(self.pool_written) == 0:
+        if self.replace_from == "latents" and written == 0:
             raise RuntimeError("no latents seen yet: call update_(z_e, indices) before "
                                "replace_dead_codes_() when replace_from='latents'")
-        if self.replace_from == "codes" and not bool((self.usage > 0).any()):
+        if self.replace_from == "codes" and live == 0:
             raise RuntimeError("no live code to copy yet: call update_(z_e, indices) before "
                                "replace_dead_codes_() when replace_from='codes'")
         if self.replace_from == "latents":
@@ -585,15 +590,16 @@ class VectorQuantizer(nn.Module):
         return F.embedding(indices.long(), self.codebook).movedim(-1, 1)
 
     @torch.no_grad()
-    def update_(self, z_e, indices):
+    def update_(self, z_e, indices, refill=True):
         """Upkeep after optimizer.step(): usage and the latent pool (CodebookUpkeep.observe_).
 
         Call it with the z_e and indices of the forward just trained on. Returns the
-        all-ranks assignment counts (K,).
+        all-ranks assignment counts (K,). refill=False leaves the latent pool alone (and its
+        all_gather out) where no replacement will follow.
         """
         z = flatten_latents(z_e.detach(), self.dim)  # (N, D)
         check_indices(indices, self.codebook_size, len(z))
-        return self.upkeep.observe_(z, indices.reshape(-1).long())
+        return self.upkeep.observe_(z, indices.reshape(-1).long(), refill)
 
     @torch.no_grad()
     def replace_dead_codes_(self, threshold=0.01):
@@ -641,10 +647,10 @@ class EMAVectorQuantizer(VectorQuantizer):
         self.register_buffer("embed_sum", self.embedding.clone())
 
     @torch.no_grad()
-    def update_(self, z_e, indices):
+    def update_(self, z_e, indices, refill=True):
         """The EMA step (plus usage); statistics are summed over all ranks. A call whose
         latents are all non-finite (a skipped step) leaves the codebook as it was."""
-        counts = super().update_(z_e, indices)  # (K,), all ranks, finite latents only
+        counts = super().update_(z_e, indices, refill)  # (K,), all ranks, finite latents only
         z = flatten_latents(z_e.detach(), self.dim).to(self.embed_sum.dtype)  # (N, D)
         z = torch.where(torch.isfinite(z).all(1, keepdim=True), z, 0.0)
         sums = torch.zeros_like(self.embed_sum).index_add_(0, indices.reshape(-1).long(), z)  # (K, D)

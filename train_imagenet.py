@@ -16,16 +16,21 @@ This is the twin of train_mnist.py: same helpers, same loop phases, plus what sc
 (DDP, bf16, torch.compile, packed data, exact resume, preemption, LPIPS, rFID).
 """
 
+import argparse
 import copy
 import dataclasses
+import datetime
 import glob
+import inspect
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -48,7 +53,8 @@ import nsvq
 @dataclass
 class Config:
     # data
-    data: str = ""                       # ImageNet root with train/ and val/ class folders
+    data: str = ""                       # ImageNet root: train/ and val/, each of class folders or
+                                         # of image files (the official val archive is flat)
     packed: str = ""                     # folder of packed uint8 arrays (--prepare writes it)
     prepare: bool = False                # pack --data into --packed, then exit
     image_size: int = 128                # SimVQ's ImageNet setting
@@ -98,11 +104,19 @@ class Config:
     # engine
     device: str = "auto"                 # auto | cpu | cuda
     amp: str = "bf16"                    # bf16 | fp16 (loss scaling, as SimVQ's 16-mixed) | none
-    compile: bool = True                 # torch.compile the autoencoder and the critic
+    compile: bool = True                 # torch.compile the autoencoder and the critic's step
+    deterministic: bool = False          # deterministic CUDA kernels, so a CUDA run and its resume
+                                         # repeat bitwise (CPU runs always do); cost: README
+    cudnn_benchmark: bool = False        # let cuDNN time its convolution algorithms (judge on a GPU)
+    channels_last: bool = False          # NHWC memory format for the convolutions (judge on a GPU)
+    dist_timeout: float = 60.0           # minutes a collective may wait (rank 0's first weight
+                                         # downloads, a slow disk) before the run fails
     seed: int = 0
     resume: str = ""                     # '' | auto (newest intact checkpoint in --out) | a path
     max_steps: int = 0                   # stop (with a checkpoint) after this many steps; 0: no limit
-    ckpt_every: int = 2000               # steps between checkpoints (also at stage changes)
+    ckpt_minutes: float = 30.0           # minutes between checkpoints (also at stage changes, stops
+                                         # and the end); each one is ~1.3 GB at the paper preset
+    ckpt_every: int = 0                  # steps between checkpoints instead (0: by --ckpt-minutes)
     keep_ckpts: int = 2                  # how many checkpoints to keep
     log_every: int = 100                 # steps between log lines (the only reads from the device)
     max_bad_steps: int = 20              # stop when this many steps in a row had a non-finite loss
@@ -125,7 +139,7 @@ PRESETS = {
     "tiny": dict(image_size=32, ch=16, ch_mult="1,2", num_res_blocks=1, dim=8, codebook_size=256,
                  epochs=3, batch_size=8, freeze_epoch=1, warmup_epochs=1, gan_ramp_epochs=1,
                  workers=0, compile=False, perceptual_weight=0.0, eval_lpips=False, inception="none",
-                 log_every=2, replace_every=1, ckpt_every=1000, eval_batch=8),
+                 log_every=2, replace_every=1, eval_batch=8),
 }
 QUANTIZERS = ("nsvq", "simvq", "ema", "ste")
 
@@ -145,15 +159,21 @@ class DataError(RuntimeError):
 
 
 IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+# SimVQ's loader leaves this training image out; so do we, so that both train on the same files.
+SIMVQ_SKIPPED = ("n06596364_9591.JPEG",)
 
 
 def list_images(root, split):
+    """Image files of a split, sorted: <split>/<class>/* and <split>/* (reconstruction needs no
+    labels, and the official validation archive unpacks to one flat folder of 50,000 JPEGs)."""
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
-        raise DataError(f"no folder {folder}: --data must hold train/<class>/*.JPEG and val/<class>/*.JPEG")
-    files = sorted(p for p in glob.glob(os.path.join(folder, "*", "*")) if p.lower().endswith(IMAGE_EXTS))
+        raise DataError(f"no folder {folder}: --data must hold train/ and val/ (class folders or images)")
+    candidates = glob.glob(os.path.join(folder, "*", "*")) + glob.glob(os.path.join(folder, "*"))
+    files = sorted(p for p in candidates if p.lower().endswith(IMAGE_EXTS) and os.path.isfile(p)
+                   and os.path.basename(p) not in SIMVQ_SKIPPED)
     if not files:
-        raise DataError(f"{folder} holds no images in class sub-folders (*.JPEG, *.png, ...)")
+        raise DataError(f"{folder} holds no images (*.JPEG, *.png, ...), neither in class folders nor flat")
     return files
 
 
@@ -191,10 +211,12 @@ def resize_and_crop(img, size, offset_rng=None):
 
 
 class ImageFolder(Dataset):
-    """Items are (index, epoch) keys from a sampler -> (uint8 image (3, S, S), images skipped).
+    """Items are (index, epoch) keys from a sampler -> (uint8 image (3, S, S), misses), misses =
+    tensor([index, n]): files index .. index + n - 1 could not be read (n = 0: none).
 
     The random crop is a function of (seed, epoch, index), so a resumed run sees the same crops.
-    An unreadable file is replaced by the next one and counted (the first ten are named).
+    An unreadable file is replaced by the next one; the loop counts each such file once, however
+    often it is drawn (the first ten are named, per worker).
     """
 
     MAX_SKIP = 100
@@ -220,7 +242,7 @@ class ImageFolder(Dataset):
                 continue
             rng = random.Random(hash((self.seed, epoch, index))) if self.train else None
             array = np.asarray(resize_and_crop(img, self.size, rng))
-            return torch.from_numpy(array.copy()).permute(2, 0, 1), skipped
+            return torch.from_numpy(array.copy()).permute(2, 0, 1), torch.tensor([index, skipped])
         raise DataError(f"{tries} unreadable images in a row from {self.files[index]}: is --data right?")
 
 
@@ -250,7 +272,7 @@ class PackedImages(Dataset):
         return len(self.array)
 
     def __getitem__(self, key):
-        return torch.from_numpy(np.array(self.array[key[0]])).permute(2, 0, 1), 0
+        return torch.from_numpy(np.array(self.array[key[0]])).permute(2, 0, 1), torch.tensor([key[0], 0])
 
 
 class EpochSampler(Sampler):
@@ -323,18 +345,20 @@ def prepare(cfg):
         try:
             out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(n, S, S, 3))
             loader = DataLoader(dataset, 256, sampler=[(i, 0) for i in range(n)], num_workers=cfg.workers)
-            done, skipped = 0, 0
-            for images, skips in tqdm(loader, desc=f"packing {split}", disable=cfg.quiet):
+            done, unreadable = 0, set()
+            for images, misses in tqdm(loader, desc=f"packing {split}", disable=cfg.quiet):
                 out[done:done + len(images)] = images.permute(0, 2, 3, 1).numpy()
-                done, skipped = done + len(images), skipped + int(skips.sum())
+                done += len(images)
+                for index, m in misses.tolist():
+                    unreadable.update((index + j) % n for j in range(m))
             out.flush()
             del out
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        write_json_atomic({"n": n, "size": S, "skipped": skipped}, os.path.join(cfg.packed, f"{split}.json"))
-        print(f"packed {n} {split} images into {path} ({skipped} unreadable files replaced)")
+        write_json_atomic({"n": n, "size": S, "unreadable": len(unreadable)}, os.path.join(cfg.packed, f"{split}.json"))
+        print(f"packed {n} {split} images into {path} ({len(unreadable)} unreadable files replaced)")
 
 
 def to_model_range(images):
@@ -380,7 +404,8 @@ class Upsample(nn.Module):
 
 def make_quantizer(cfg):
     K, D = cfg.codebook_size, cfg.dim
-    upkeep = dict(beta=cfg.beta, replace_from=cfg.replace_from, usage_horizon=cfg.usage_horizon)
+    upkeep = dict(beta=cfg.beta, replace_from=cfg.replace_from, usage_horizon=cfg.usage_horizon,
+                  buffer_size=None if cfg.quantizer == "nsvq" else 0)  # the baselines replace no code
     if cfg.quantizer == "ste":
         return nsvq.VectorQuantizer(K, D, **upkeep)
     if cfg.quantizer == "ema":
@@ -481,7 +506,10 @@ def setup_distributed(cfg):
     local_rank = int(os.environ["LOCAL_RANK"])
     if cfg.device == "cuda":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+    # An explicit timeout: the default (10 min for NCCL) is shorter than rank 0's first download of
+    # the LPIPS and Inception weights on a slow link, which the other ranks wait for.
+    dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo",
+                            timeout=datetime.timedelta(minutes=cfg.dist_timeout))
     device = torch.device("cuda", local_rank) if cfg.device == "cuda" else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -583,17 +611,44 @@ def load_checkpoint(path):
 
 
 def find_checkpoint(cfg, log):
-    """(path, checkpoint) for --resume: the given file, or with 'auto' the newest intact one."""
+    """The checkpoint path for --resume: the given file, or with 'auto' the newest intact one.
+
+    Rank 0 only. An unreadable checkpoint is renamed to *.unreadable (and the log says so): left
+    in place it would keep ranking as the newest, and pruning would delete good ones instead.
+    """
     if cfg.resume != "auto":
         if not os.path.isfile(cfg.resume):
             raise FileNotFoundError(f"--resume {cfg.resume}: no such file")
-        return cfg.resume, load_checkpoint(cfg.resume)
+        load_checkpoint(cfg.resume)
+        return cfg.resume
     for path in reversed(checkpoints(cfg.out)):
         try:
-            return path, load_checkpoint(path)
+            load_checkpoint(path)
+            return path
         except OutputError as e:
-            log(f"warning: {e}; trying an older checkpoint")
+            os.replace(path, path + ".unreadable")
+            log(f"warning: {e}; moved it to {path}.unreadable, trying an older checkpoint")
     raise FileNotFoundError(f"--resume auto: no intact checkpoint in {cfg.out}")
+
+
+def on_rank_zero(fn, *args, share=True):
+    """fn(*args) on rank 0; if it raises one of this script's errors, every rank raises it (no
+    rank is left waiting in a collective). Returns its result on every rank (share=False: on
+    rank 0 only, for results that are not worth sending, such as networks)."""
+    result = [None, None]  # value, error
+    if dist_rank() == 0:
+        try:
+            result[0] = fn(*args)
+        except (DataError, ValueError, FileNotFoundError, OutputError, metrics.WeightsError) as e:
+            result[1] = e
+    value = result[0]
+    if not share:
+        result[0] = None
+    if dist.is_initialized():
+        dist.broadcast_object_list(result, src=0)
+    if result[1] is not None:
+        raise result[1]
+    return value if dist_rank() == 0 else result[0]
 
 
 def load_autoencoder(path, device="cpu"):
@@ -621,8 +676,8 @@ def load_networks(cfg, device):
 class Trainer:
     """Everything one training step touches. `model`, `disc`, `ema` are the raw modules (saved in
     checkpoints); `train_model` / `train_disc` are what the step calls (compiled, DDP-wrapped);
-    `gan_disc` is the critic for the generator's term (not DDP-wrapped: those critic gradients
-    are thrown away, so they need no all-reduce)."""
+    `gan_disc` is the critic for the generator's term (the raw one: apply_stage says why);
+    `frozen`: whether train_model was built with the encoder frozen."""
     model: nn.Module
     ema: nn.Module
     disc: nn.Module
@@ -634,6 +689,7 @@ class Trainer:
     train_model: nn.Module = None
     train_disc: nn.Module = None
     gan_disc: nn.Module = None
+    frozen: bool = False
 
 
 def build_trainer(cfg, device, lpips):
@@ -654,32 +710,49 @@ def build_trainer(cfg, device, lpips):
 
 
 def apply_stage(cfg, trainer, schedule, world, device):
-    """Freeze the encoder and switch the quantizer's terms; (re)build the compiled, DDP-wrapped
-    modules. Compile before wrapping; rebuild the wrapper instead of changing requires_grad on
-    a live one. No buffer syncing in forward: the quantizer keeps its own buffers identical on
-    every rank (its collectives live in update_ and replace_dead_codes_), and the critic's
-    BatchNorm running statistics are never used (the critic always runs in training mode)."""
-    trainer.model.encoder.requires_grad_(schedule.encoder_trainable)
+    """Freeze the encoder and switch the quantizer's terms; (re)build what the step calls.
+
+    DDP first, then torch.compile of the DDP module: the compiler splits the graph at DDP's
+    bucket boundaries, so the gradient all-reduce overlaps the backward pass. The model's wrapper
+    is rebuilt when the encoder freezes (DDP must not be told about a change of requires_grad on
+    a live wrapper); warm-up and stage 2 train the same parameters and share it. The critic's
+    step is wrapped and compiled once; the generator's adversarial term runs the raw critic in
+    eager mode (its critic gradients are thrown away, so they need no all-reduce, and a second
+    compiled graph for a small network is not worth its compile time). No buffer syncing in
+    forward: the quantizer keeps its own buffers identical on every rank (its collectives live
+    in update_ and replace_dead_codes_), and the critic's BatchNorm running statistics are never
+    used (the critic always runs in training mode)."""
+    frozen = not schedule.encoder_trainable
     if isinstance(trainer.model.vq, nsvq.NSVQ):
         trainer.model.vq.dense = schedule.dense_loss
-    model = torch.compile(trainer.model) if cfg.compile else trainer.model
-    critic = torch.compile(trainer.disc) if cfg.compile else trainer.disc
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        model = DDP(model, device_ids=ids, forward_sync_buffers=False)
-        trainer.train_disc = DDP(critic, device_ids=ids, forward_sync_buffers=False)
-    else:
-        trainer.train_disc = critic
-    trainer.train_model, trainer.gan_disc = model, critic
+    ids = [device.index] if device.type == "cuda" else None
+    if trainer.train_model is None or trainer.frozen != frozen:
+        trainer.model.encoder.requires_grad_(not frozen)
+        model = DDP(trainer.model, device_ids=ids, forward_sync_buffers=False) if world > 1 else trainer.model
+        trainer.train_model, trainer.frozen = torch.compile(model) if cfg.compile else model, frozen
+    if trainer.train_disc is None:
+        critic = DDP(trainer.disc, device_ids=ids, forward_sync_buffers=False) if world > 1 else trainer.disc
+        trainer.train_disc = torch.compile(critic) if cfg.compile else critic
+        trainer.gan_disc = trainer.disc
 
 
-def train_step(cfg, trainer, x, gan_w, commitment, replace, device):
+def skipped(scaler, optimizer):
+    """True (a device tensor) when the scaler found a non-finite gradient and so skipped the
+    optimizer's step. Gradients are all-reduced before the check, so every rank agrees. Read
+    from the scaler's own record of this step (no wait on the device; a private attribute,
+    stable since GradScaler was introduced)."""
+    return sum(scaler._found_inf_per_device(optimizer).values()) > 0
+
+
+def train_step(cfg, trainer, x, gan_w, commitment, replace, refill, device):
     """One training step, the one definition the loop and bench.py --imagenet both run:
     autoencoder + quantizer + LPIPS + GAN, the critic, codebook upkeep, the weight EMA.
 
     Returns (losses, out, counts, bad, dead): device tensors, nothing read on the host, except
     when `replace` is set: replacement reads how many codes are dead (one wait on the device),
-    and `dead` holds the indices it re-seeded (None without replacement).
+    and `dead` holds the indices it re-seeded (None without replacement). `bad`: the step (or
+    the critic's) was skipped for a non-finite gradient, the same flag on every rank. `refill`:
+    keep the quantizer's latent pool fresh (only needed while codes may be replaced).
     """
     with autocast(cfg, device):
         x_hat, z_e, out = trainer.train_model(x)
@@ -691,23 +764,23 @@ def train_step(cfg, trainer, x, gan_w, commitment, replace, device):
             losses["commit"] = losses["commit"].detach() * 0  # encoder frozen: nothing to commit
         if gan_w > 0:
             losses["gan"] = gan_w * generator_gan_loss(trainer.gan_disc(x_hat))
-    loss = sum(losses.values())
-    bad = ~torch.isfinite(loss.detach())  # counted on the device; the scaler skips the step
     trainer.opt.zero_grad(set_to_none=True)
-    trainer.scaler.scale(loss).backward()
-    trainer.scaler.step(trainer.opt)
+    trainer.scaler.scale(sum(losses.values())).backward()
+    trainer.scaler.step(trainer.opt)  # skipped, on the device, if a gradient is not finite
+    bad = skipped(trainer.scaler, trainer.opt)
     trainer.scaler.update()
-    if gan_w > 0:  # the critic's step
+    if gan_w > 0:  # the critic's step; fp32 inputs, so its compiled graph is the same for both calls
         with autocast(cfg, device):
-            d_loss = critic_hinge_loss(trainer.train_disc(x), trainer.train_disc(x_hat.detach()))
+            d_loss = critic_hinge_loss(trainer.train_disc(x), trainer.train_disc(x_hat.detach().float()))
         trainer.opt_d.zero_grad(set_to_none=True)
         trainer.scaler_d.scale(d_loss).backward()
         trainer.scaler_d.step(trainer.opt_d)
+        bad = bad | skipped(trainer.scaler_d, trainer.opt_d)
         trainer.scaler_d.update()
         losses["disc"] = d_loss.detach()
     # Codebook upkeep after the step, in the method's order; the collectives live in here.
     vq = trainer.model.vq
-    counts = vq.update_(z_e.detach().float(), out.indices)
+    counts = vq.update_(z_e.detach().float(), out.indices, refill=refill)
     dead = None
     if replace:
         dead = vq.replace_dead_codes_(cfg.threshold)
@@ -723,40 +796,59 @@ def train_step(cfg, trainer, x, gan_w, commitment, replace, device):
     return losses, out, counts, bad, dead
 
 
-class StopSignal:
-    """SIGTERM / SIGINT -> every rank stops after the same step, without the host waiting on
-    the device each step. Each step all ranks MAX-reduce their local flag on the device and
-    start copying the result to the host; the loop reads the result of two steps back, which
-    has long arrived (reading last step's would stall the GPU queue)."""
+class RunFlags:
+    """Two decisions every rank must take after the same step, without the host waiting on the
+    device each step: stop (SIGTERM / SIGINT received by any rank) and save (rank 0's clock
+    says a checkpoint is due; with --ckpt-minutes). Each step all ranks MAX-reduce their local
+    flags on the device and start copying the result to the host; the loop reads the result of
+    two steps back, which has long arrived (reading last step's would stall the GPU queue).
 
-    def __init__(self, device):
-        self.received = False
+    The save flag is the number of checkpoint periods elapsed on rank 0's clock: a checkpoint is
+    due when it exceeds the one last saved, so flags still in flight cannot ask twice."""
+
+    def __init__(self, device, ckpt_minutes):
+        self.signal = 0  # the signal number received (0: none)
         self.device = device
-        self.pending = []  # (host flag, CUDA event or None), oldest first
+        self.start, self.period = time.time(), 60 * ckpt_minutes
+        self.saved_period = 0
+        self.pending = []  # (host flags, CUDA event or None), oldest first
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
-        self.received = True  # a second signal ends the process at once
+        self.signal = signum  # a second signal ends the process at once
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
     def poll(self):
-        """Call once per step; True when all ranks agreed to stop (two steps ago)."""
-        flag = torch.full((1,), float(self.received), device=self.device)
-        all_reduce(flag, dist.ReduceOp.MAX if dist.is_initialized() else None)
+        """Call once per step: (signal number or 0, checkpoint due), agreed by all ranks."""
+        periods = (time.time() - self.start) // self.period if self.period and dist_rank() == 0 else 0
+        flags = torch.full((2,), float(self.signal), device=self.device)  # kernels, no host copy
+        flags[1] = float(periods)
+        all_reduce(flags, dist.ReduceOp.MAX if dist.is_initialized() else None)
         cuda = self.device.type == "cuda"
-        host = torch.empty(1, pin_memory=cuda)
-        host.copy_(flag, non_blocking=cuda)
+        host = torch.empty(2, pin_memory=cuda)
+        host.copy_(flags, non_blocking=cuda)
         event = torch.cuda.Event() if cuda else None
         if event is not None:
             event.record()
         self.pending.append((host, event))
         if len(self.pending) < 3:
-            return False
+            return 0, False
         host, event = self.pending.pop(0)
         if event is not None:
             event.synchronize()
-        return bool(host[0])
+        signum, periods = int(host[0]), int(host[1])
+        due = periods > self.saved_period
+        self.saved_period = max(self.saved_period, periods)
+        return signum, due
+
+
+class Interrupted(Exception):
+    """The run was stopped by a signal after saving a checkpoint; `code` is the exit status."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
 
 
 @torch.no_grad()
@@ -784,7 +876,7 @@ def new_window(cfg, device):
 
 def accumulate(window, losses, out, counts, bad, dead):
     """Add one step to the window, on the device: nothing here waits for it. Losses and
-    diagnostics are averaged over good steps; a non-finite step only counts as bad."""
+    diagnostics are averaged over good steps; a skipped step only counts as bad."""
     ok = (~bad).float()
     for k, v in {**losses, **out.diagnostics}.items():
         window["sums"][k] = window["sums"].get(k, 0.0) + torch.where(bad, 0.0, v.float())
@@ -817,7 +909,7 @@ def log_line(cfg, state, schedule, window, trainer, t_log, world, device, log):
     log(f"step {state['step']:7d} | ep {state['epoch']} {schedule.stage:6s} | "
         + " ".join(f"{k} {v:.4f}" for k, v in means.items()) + f" | {quantizer} | "
         + " ".join(f"{k} {v:.4g}" for k, v in scales.items())
-        + f" | {ips:.0f} img/s mem {mem:.1f}G skipped {state['skipped_images']} bad {bad['total']}")
+        + f" | {ips:.0f} img/s mem {mem:.1f}G unreadable {len(state['unreadable'])} bad {bad['total']}")
     if dist_rank() == 0:
         append_jsonl(cfg, {"step": state["step"], "epoch": state["epoch"], "stage": schedule.stage,
                            **means, **diagnostics, **health, **scales, "dead": dead_now, "dead_before_replacement":
@@ -825,10 +917,8 @@ def log_line(cfg, state, schedule, window, trainer, t_log, world, device, log):
                            "bad_steps": bad["total"], "img_per_s": ips})
     if cfg.check_codebook and world > 1:
         check_identical({f"vq.{k}": v for k, v in trainer.model.vq.state_dict().items()}, device)
-    if cfg.amp != "fp16":  # bf16 / fp32: the scale is a guard only; undo the halvings of skipped steps
-        for scaler in (trainer.scaler, trainer.scaler_d):
-            if scaler.get_scale() != 1.0:
-                scaler.update(new_scale=1.0)
+    if cfg.amp != "fp16":  # undo the halvings of skipped steps
+        reset_scale_(trainer.scaler, trainer.scaler_d)
     return bad["streak"]
 
 
@@ -849,43 +939,111 @@ def check_identical(named_tensors, device):
             raise RuntimeError(f"ranks disagree: {name} differs across ranks")
 
 
-def save_checkpoint(cfg, trainer, schedule, state, world, device, log, tag=""):
-    """Every rank's RNG state is gathered; rank 0 writes the checkpoint and prunes old ones."""
+def gather(obj, world):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (pickled: small host objects only)."""
+    objs = [obj] * world
+    if world > 1:
+        dist.all_gather_object(objs, obj)
+    return objs
+
+
+def to_cpu(obj):
+    """A copy of a nested checkpoint object with every tensor in host memory, so that training
+    can go on while it is written (on the CPU too: the copy is what gets written)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Rank 0 writes checkpoints in a background thread: every rank waits only for the copy of
+    the state to host memory (README: the cost of a save), not for the disk. One write at a time;
+    a failed write is raised at the next save or at wait(). After a write the oldest checkpoints
+    beyond --keep-ckpts are deleted, never the one just written."""
+
+    def __init__(self, cfg, log):
+        self.cfg, self.log = cfg, log
+        self.thread, self.error = None, None
+
+    def submit(self, obj, path, tag):
+        self.wait()
+        self.thread = threading.Thread(target=self._write, args=(obj, path, tag))
+        self.thread.start()
+
+    def _write(self, obj, path, tag):
+        try:
+            save_atomic(obj, path)
+            for old in checkpoints(self.cfg.out)[:-self.cfg.keep_ckpts]:
+                if os.path.abspath(old) != os.path.abspath(path):
+                    os.remove(old)
+            self.log(f"saved {path} {tag}")
+        except BaseException as e:  # raised in the training thread by wait()
+            self.error = e
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def save_checkpoint(cfg, trainer, schedule, state, commit, unreadable, world, device, writer, tag=""):
+    """Every rank's RNG state, epoch partial sums and unreadable files are gathered; rank 0
+    copies the state to host memory and hands it to the writer. Returns the checkpoint's path."""
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-    rngs = [None] * world
-    if world > 1:
-        dist.all_gather_object(rngs, rng)
-    else:
-        rngs = [rng]
+    rngs = gather(rng, world)
+    commits = gather(commit.detach().cpu(), world)  # (2,) per rank: this epoch's commitment sum, count
+    state["unreadable"] = sorted(set().union(*gather(unreadable, world)))
+    path = os.path.join(cfg.out, f"ckpt-{state['step']:09d}.pt")
     if dist_rank() == 0:
-        path = os.path.join(cfg.out, f"ckpt-{state['step']:09d}.pt")
-        save_atomic({"kind": "train_imagenet", "config": dataclasses.asdict(cfg),
-                     "model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(),
-                     "disc": trainer.disc.state_dict(), "opt": trainer.opt.state_dict(),
-                     "opt_d": trainer.opt_d.state_dict(), "scaler": trainer.scaler.state_dict(),
-                     "scaler_d": trainer.scaler_d.state_dict(), "schedule": schedule.state_dict(),
-                     "state": dict(state), "rng": rngs}, path)
-        for old in checkpoints(cfg.out)[:-cfg.keep_ckpts]:
-            os.remove(old)
-        log(f"saved {path} {tag}")
-    if world > 1:
-        dist.barrier()
+        ckpt = to_cpu({"kind": "train_imagenet", "config": dataclasses.asdict(cfg),
+                       "model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(),
+                       "disc": trainer.disc.state_dict(), "opt": trainer.opt.state_dict(),
+                       "opt_d": trainer.opt_d.state_dict(), "scaler": trainer.scaler.state_dict(),
+                       "scaler_d": trainer.scaler_d.state_dict(), "schedule": schedule.state_dict(),
+                       "state": copy.deepcopy(state), "rng": rngs, "commit": torch.stack(commits)})
+        writer.submit(ckpt, path, tag)
+    return path
 
 
-def restore(ckpt, cfg, trainer, schedule, rank):
-    """Load a checkpoint (already on the CPU) into the trainer; returns the loop state."""
+def restore(ckpt, cfg, trainer, schedule, rank, world, device):
+    """Load a checkpoint (already on the CPU) into the trainer; returns (loop state, this rank's
+    commitment sum and count over the epoch so far, on the device)."""
     for key in ("quantizer", "codebook_size", "dim", "ch", "ch_mult", "num_res_blocks", "image_size"):
         if ckpt["config"][key] != getattr(cfg, key):
             raise ValueError(f"--resume: checkpoint has {key}={ckpt['config'][key]!r}, "
                              f"this run asks for {getattr(cfg, key)!r}")
     for name in ("model", "ema", "disc", "opt", "opt_d", "scaler", "scaler_d"):
         getattr(trainer, name).load_state_dict(ckpt[name])
+    if cfg.amp != "fp16":
+        reset_scale_(trainer.scaler, trainer.scaler_d)
     schedule.load_state_dict(ckpt["schedule"])
     rng = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0]
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available() and rng.get("cuda") is not None:
         torch.cuda.set_rng_state(rng["cuda"])
-    return dict(ckpt["state"])
+    # The epoch so far: each rank's own partial sums, so the epoch mean that drives the stage
+    # schedule is the uninterrupted run's, bit for bit (another world size: all on rank 0).
+    commits = ckpt["commit"]  # (saved world, 2)
+    if len(commits) == world:
+        commit = commits[rank]
+    else:
+        commit = commits.sum(0) if rank == 0 else torch.zeros(2)
+    return dict(ckpt["state"]), commit.to(device)
+
+
+def reset_scale_(*scalers):
+    """bf16 / fp32: the GradScaler's scale is a guard only (a skipped step halves it): set it
+    back to 1. Through load_state_dict, which also works before the scaler's first step."""
+    for scaler in scalers:
+        if scaler.get_scale() != 1.0:
+            scaler.load_state_dict({**scaler.state_dict(), "scale": 1.0})
 
 
 def to_unit(x):
@@ -913,22 +1071,24 @@ def evaluate(cfg, model, loader, device, nets, out_png=None):
     model.eval()
     K = cfg.codebook_size
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # images, batches, psnr, ssim, alex, vgg
-    counts = torch.zeros(K, device=device)
+    counts = torch.zeros(K, dtype=torch.long, device=device)
     real, fake = metrics.FeatureStats(2048, device), metrics.FeatureStats(2048, device)
     for i, (images, _) in enumerate(tqdm(loader, desc="eval", disable=cfg.quiet or dist_rank() > 0)):
-        x = to_model_range(images.to(device))
-        with autocast(cfg, device):
-            x_hat, _, out = model(x)
-        x_hat = x_hat.float().clamp(-1, 1)
+        x = to_model_range(images.to(device, non_blocking=True))
+        x_hat, _, out = model(x)  # in fp32 whatever --amp says, as SimVQ's evaluation.py
+        x_hat = x_hat.clamp(-1, 1)
         if i == 0 and out_png and dist_rank() == 0:
             save_grid(x, x_hat, out_png)
         a, b = to_unit(x), to_unit(x_hat)
         a8, b8 = metrics.to_uint8_levels(a), metrics.to_uint8_levels(b)
-        lpips = [nets[k](x, x_hat).sum() if nets[k] else torch.zeros((), device=device)
-                 for k in ("lpips_alex", "lpips_vgg")]
-        sums += torch.stack([torch.tensor(float(len(x)), device=device), torch.ones((), device=device),
-                             metrics.psnr_of_batch(a8, b8), metrics.ssim(b8, a8).mean(), *lpips]).double()
-        counts.index_add_(0, out.indices.flatten(), torch.ones(out.indices.numel(), device=device))
+        sums[0] += len(x)  # a scalar argument: no copy from the host, no wait
+        sums[1] += 1
+        sums[2] += metrics.psnr_of_batch(a8, b8).double()
+        sums[3] += metrics.ssim(b8, a8).mean().double()
+        for j, k in ((4, "lpips_alex"), (5, "lpips_vgg")):
+            if nets[k]:
+                sums[j] += nets[k](x, x_hat).sum().double()
+        counts += torch.bincount(out.indices.flatten(), minlength=K)
         if nets["inception"]:
             real.add(nets["inception"](a))
             fake.add(nets["inception"](b))
@@ -987,15 +1147,15 @@ def resolve(cfg):
     if cfg.eval_only and not cfg.resume:
         raise ValueError("--eval-only needs --resume auto or a checkpoint path")
     for name in ("image_size", "ch", "num_res_blocks", "dim", "codebook_size", "epochs", "batch_size",
-                 "replace_every", "patience", "keep_ckpts", "log_every", "ckpt_every", "max_bad_steps",
+                 "replace_every", "patience", "keep_ckpts", "log_every", "max_bad_steps",
                  "eval_batch", "eval_every"):
         nsvq.check_count("--" + name.replace("_", "-"), getattr(cfg, name), 1)
     for name in ("workers", "max_steps", "max_eval_images", "bench_loader", "warmup_epochs",
-                 "gan_ramp_epochs"):
+                 "gan_ramp_epochs", "ckpt_every"):
         nsvq.check_count("--" + name.replace("_", "-"), getattr(cfg, name), 0)
     for name in ("beta", "alpha", "l1_weight", "perceptual_weight", "gan_weight"):
         nsvq.check_number("--" + name.replace("_", "-"), getattr(cfg, name), low=0)
-    for name in ("lr", "lam", "usage_horizon"):
+    for name in ("lr", "lam", "usage_horizon", "ckpt_minutes", "dist_timeout"):
         nsvq.check_number("--" + name.replace("_", "-"), getattr(cfg, name), low=0, low_open=True)
     for name in ("ema_decay", "beta1", "beta2", "weight_ema"):
         nsvq.check_number("--" + name.replace("_", "-"), getattr(cfg, name), low=0, high=1, high_open=True)
@@ -1013,26 +1173,60 @@ def resolve(cfg):
     if cfg.freeze_epoch is not None:
         nsvq.check_count("--freeze-epoch", cfg.freeze_epoch, 0)
         cfg.freeze_epoch = cfg.freeze_epoch or None  # 0: freeze on the plateau only
+    if cfg.deterministic and cfg.cudnn_benchmark:
+        raise ValueError("--deterministic and --cudnn-benchmark exclude each other (benchmarking "
+                         "picks convolution algorithms by timing)")
+    # Weight files given by path are checked even where the run does not use them (the tiny
+    # preset turns LPIPS off): a mistyped path is found now, not when it is first needed.
+    if cfg.lpips_weights not in ("auto", "random"):
+        for name in ("vgg16-397923af.pth", "vgg.pth", "alexnet-owt-7be5be79.pth", "alex.pth"):
+            metrics.weights_path(cfg.lpips_weights, name, "--lpips-weights")
+    if cfg.inception not in ("auto", "none", "random"):
+        metrics.weights_path(cfg.inception, "pt_inception-2015-12-05-6726825d.pth", "--inception")
     cfg.out = cfg.out or os.path.join("runs", "imagenet", cfg.quantizer)
     return cfg
 
 
-def prepare_out(cfg):
-    """Create --out, refusing to train over an earlier run without --resume or --overwrite."""
+def check_out(cfg):
+    """Refuse an --out that cannot be written, or that holds an earlier run without --resume or
+    --overwrite. Creates nothing: a run refused later (bad data, bad resume) leaves no folder."""
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise OutputError(f"--out {cfg.out} is a file, not a folder")
+    parent = os.path.abspath(cfg.out)
+    while not os.path.exists(parent):  # the folder that --out would be created in
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise OutputError(f"--out {cfg.out} is not writable ({parent} cannot be written)")
+    if not cfg.resume and not cfg.overwrite and os.path.isdir(cfg.out) and checkpoints(cfg.out):
+        raise OutputError(f"--out {cfg.out} holds an earlier run: continue it with --resume auto, "
+                          f"or pass --overwrite to start afresh (its checkpoints are deleted)")
+
+
+def make_out(cfg):
+    """Create --out once the run is sure to start; --overwrite deletes the earlier run's files."""
     try:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as e:
         raise OutputError(f"--out {cfg.out}: cannot create it ({e.strerror})") from None
-    if not os.access(cfg.out, os.W_OK):
-        raise OutputError(f"--out {cfg.out} is not writable")
-    if not cfg.resume and checkpoints(cfg.out):
-        if not cfg.overwrite:
-            raise OutputError(f"--out {cfg.out} holds an earlier run: continue it with --resume auto, "
-                              f"or pass --overwrite to start afresh (its checkpoints are deleted)")
+    if not cfg.resume:
         for path in checkpoints(cfg.out) + glob.glob(os.path.join(cfg.out, "metrics.jsonl")):
             os.remove(path)
+
+
+def trim_metrics(cfg, state):
+    """On resume: drop the metrics.jsonl records written after the checkpoint (the resumed run
+    writes them again), so that every step and evaluation appears once."""
+    path = os.path.join(cfg.out, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    kept = [r for r in records if (r["step"] <= state["step"] if "step" in r else r["epoch"] < state["epoch"])]
+    if len(kept) < len(records):
+        def write(tmp):
+            with open(tmp, "w") as out:
+                out.writelines(json.dumps(r) + "\n" for r in kept)
+        write_atomic(path, write)
 
 
 def main(cfg):
@@ -1041,154 +1235,191 @@ def main(cfg):
         return prepare(cfg)
 
     # Setup DDP
+    if cfg.deterministic:  # before CUDA starts: cuBLAS reads it once
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     rank, world, device = setup_distributed(cfg)
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by {world} ranks")
     torch.backends.cuda.matmul.allow_tf32 = False  # nearest-code distances at full fp32 precision
     torch.backends.cudnn.allow_tf32 = True         # convolutions may use TF32
-    log = print if rank == 0 else (lambda *a, **k: None)
-    if rank == 0:
-        prepare_out(cfg)
-    if world > 1:
-        dist.barrier()
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    torch.backends.cudnn.deterministic = cfg.deterministic
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)  # at once under torchrun
+    on_rank_zero(check_out, cfg)
 
     # Create model: one seed for construction on every rank; per-rank seeds only afterwards
-    if rank == 0:  # rank 0 downloads missing weights first, the others then read its cache
-        lpips, nets = load_networks(cfg, device)
-    if world > 1:
-        dist.barrier()
-    if rank > 0:
-        lpips, nets = load_networks(cfg, device)
+    networks = on_rank_zero(load_networks, cfg, device, share=False)  # downloads missing weights
+    lpips, nets = networks if rank == 0 else load_networks(cfg, device)  # the others: from its cache
     torch.manual_seed(cfg.seed)
     trainer = build_trainer(cfg, device, lpips)
     torch.manual_seed(cfg.seed + rank)
     stages = cfg.quantizer == "nsvq"  # the baselines train in one stage, as published
     schedule = nsvq.StageSchedule(cfg.patience if stages else None, cfg.freeze_epoch if stages else None,
                                   cfg.warmup_epochs, cfg.gan_ramp_epochs)
-    state = {"epoch": 0, "batch": 0, "step": 0, "skipped_images": 0, "bad_steps_total": 0}
+    state = {"epoch": 0, "batch": 0, "step": 0, "unreadable": [], "bad_steps_total": 0}
+    commit = torch.zeros(2, device=device)  # this rank's commitment-loss sum and count this epoch
     if cfg.resume:
-        path, ckpt = find_checkpoint(cfg, log)
-        state = restore(ckpt, cfg, trainer, schedule, rank)
+        path = on_rank_zero(find_checkpoint, cfg, log)
+        state, commit = restore(load_checkpoint(path), cfg, trainer, schedule, rank, world, device)
         log(f"resumed from {path}: epoch {state['epoch']}, batch {state['batch']}, {schedule.stage}")
 
     # Setup data
     val_loader = make_loader(cfg, "val", rank, world, train=False)
+    train_loader = None if cfg.eval_only else make_loader(cfg, "train", rank, world, train=True)
+    if cfg.bench_loader:
+        return bench_loader(cfg, train_loader, log)
+    on_rank_zero(make_out, cfg)
     if cfg.eval_only:
         result = evaluate(cfg, trainer.ema, val_loader, device, nets, os.path.join(cfg.out, "recon-eval.png"))
         log(json.dumps(result))
         if rank == 0:
             write_json_atomic(result, os.path.join(cfg.out, "eval.json"))
         return result
-    train_loader = make_loader(cfg, "train", rank, world, train=True)
-    if cfg.bench_loader:
-        return bench_loader(cfg, train_loader, log)
+    on_rank_zero(trim_metrics, cfg, state)
     probe_images = torch.stack([val_loader.dataset[(i, 0)][0] for i in range(min(8, len(val_loader.dataset)))])
     probe_images = to_model_range(probe_images.to(device))  # a fixed batch, the same on every rank
 
     # Training loop
     apply_stage(cfg, trainer, schedule, world, device)
-    stop = StopSignal(device)
+    flags = RunFlags(device, cfg.ckpt_minutes if not cfg.ckpt_every else 0)
+    writer = CheckpointWriter(cfg, log)
+    unreadable = set(state["unreadable"])  # this rank's view: file indices that could not be read
+    save = lambda tag="": save_checkpoint(cfg, trainer, schedule, state, commit, unreadable, world,  # noqa: E731
+                                          device, writer, tag)
     steps_per_epoch = train_loader.sampler.batches
     steps_this_run, t_log, previous_z = 0, time.time(), None
     window = new_window(cfg, device)
-    while state["epoch"] < cfg.epochs:
-        epoch = state["epoch"]
-        train_loader.sampler.set_epoch(epoch, state["batch"])
-        commit_sum, commit_n = torch.zeros((), device=device), torch.zeros((), device=device)
-        bar = tqdm(total=steps_per_epoch, initial=state["batch"], desc=f"epoch {epoch} {schedule.stage}",
-                   disable=cfg.quiet or rank > 0, dynamic_ncols=True)
-        for images, skipped in train_loader:
-            state["skipped_images"] += int(skipped.sum())
-            x = to_model_range(images.to(device, non_blocking=True))
-            gan_w = cfg.gan_weight * schedule.gan_weight(epoch + state["batch"] / steps_per_epoch)
-            replace = stages and schedule.replacement and state["step"] % cfg.replace_every == 0
-            if replace:  # kept on the device, read at the log line
-                window["dead_before"] = trainer.model.vq.upkeep.dead(cfg.threshold).sum()
-            losses, out, counts, bad, dead = train_step(cfg, trainer, x, gan_w, schedule.commitment,
-                                                        replace, device)
-            accumulate(window, losses, out, counts, bad, dead)
-            commit_sum += torch.where(bad, 0.0, out.losses["commit"].detach().float())
-            commit_n += (~bad).float()
-            state["step"] += 1
-            state["batch"] += 1
-            steps_this_run += 1
-            bar.update(1)
-            if state["step"] % cfg.log_every == 0:
-                window["scales"], previous_z = probe(trainer.model, probe_images, previous_z)
-                streak = log_line(cfg, state, schedule, window, trainer, t_log, world, device, log)
-                state["bad_steps_total"] += int(window["bad"]["total"])
-                if streak >= cfg.max_bad_steps:
-                    raise RuntimeError(f"{streak} steps in a row had a non-finite loss (up to step "
-                                       f"{state['step']}); stopping. They were skipped, so the "
-                                       f"checkpoints in {cfg.out} hold the last good weights.")
-                window, t_log = new_window(cfg, device), time.time()
-            if state["step"] % cfg.ckpt_every == 0:
-                save_checkpoint(cfg, trainer, schedule, state, world, device, log)
-            stopping = stop.poll()
-            if stopping or (cfg.max_steps and steps_this_run >= cfg.max_steps):
-                save_checkpoint(cfg, trainer, schedule, state, world, device, log,
-                                "(stopped by a signal)" if stopping else "(--max-steps)")
-                bar.close()
-                return None
-        bar.close()
-        # End of epoch: the schedule sees the all-ranks mean commitment loss.
-        commit = all_reduce(torch.stack([commit_sum, commit_n]))
-        state.update(epoch=epoch + 1, batch=0)
-        if schedule.end_epoch(epoch, float(commit[0] / commit[1].clamp(min=1))):
-            log(f"stage change: {schedule.stage} from epoch {epoch + 1}")
-            apply_stage(cfg, trainer, schedule, world, device)
-            save_checkpoint(cfg, trainer, schedule, state, world, device, log, f"(entering {schedule.stage})")
-        if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
-            result = evaluate(cfg, trainer.ema, val_loader, device, nets,
-                              os.path.join(cfg.out, f"recon-{epoch:03d}.png"))
-            log(f"eval epoch {epoch}: " + json.dumps(result))
-            if rank == 0:
-                append_jsonl(cfg, {"epoch": epoch, "eval": result})
+    try:
+        while state["epoch"] < cfg.epochs:
+            epoch = state["epoch"]
+            train_loader.sampler.set_epoch(epoch, state["batch"])
+            bar = tqdm(total=steps_per_epoch, initial=state["batch"], desc=f"epoch {epoch} {schedule.stage}",
+                       disable=cfg.quiet or rank > 0, dynamic_ncols=True)
+            for images, misses in train_loader:
+                for index, n in misses.tolist():  # a CPU tensor from the loader: no wait on the device
+                    unreadable.update((index + j) % len(train_loader.dataset) for j in range(n))
+                x = to_model_range(images.to(device, non_blocking=True))
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                gan_w = cfg.gan_weight * schedule.gan_weight(epoch + state["batch"] / steps_per_epoch)
+                refill = stages and schedule.replacement  # the latent pool only serves replacement
+                replace = refill and state["step"] % cfg.replace_every == 0
+                if replace:  # kept on the device, read at the log line
+                    window["dead_before"] = trainer.model.vq.upkeep.dead(cfg.threshold).sum()
+                losses, out, counts, bad, dead = train_step(cfg, trainer, x, gan_w, schedule.commitment,
+                                                            replace, refill, device)
+                accumulate(window, losses, out, counts, bad, dead)
+                commit += torch.stack([torch.where(bad, 0.0, out.losses["commit"].detach().float()),
+                                       (~bad).float()])
+                state["step"] += 1
+                state["batch"] += 1
+                steps_this_run += 1
+                bar.update(1)
+                if state["step"] % cfg.log_every == 0:
+                    state["unreadable"] = sorted(set().union(*gather(unreadable, world)))
+                    window["scales"], previous_z = probe(trainer.model, probe_images, previous_z)
+                    streak = log_line(cfg, state, schedule, window, trainer, t_log, world, device, log)
+                    state["bad_steps_total"] += int(window["bad"]["total"])
+                    if streak >= cfg.max_bad_steps:  # the same streak on every rank: all stop here
+                        raise RuntimeError(f"{streak} steps in a row were skipped for non-finite gradients "
+                                           f"(up to step {state['step']}); stopping. The checkpoints in "
+                                           f"{cfg.out} hold the last good weights.")
+                    window, t_log = new_window(cfg, device), time.time()
+                signum, due = flags.poll()
+                if signum:
+                    path = save(f"(stopped by signal {signum})")
+                    writer.wait()
+                    raise Interrupted(f"stopped by signal {signum} at step {state['step']}; {path} holds "
+                                      f"the run: continue it with --resume auto", 128 + signum)
+                if cfg.max_steps and steps_this_run >= cfg.max_steps:
+                    save("(--max-steps)")
+                    writer.wait()
+                    bar.close()
+                    return None
+                if due or (cfg.ckpt_every and state["step"] % cfg.ckpt_every == 0):
+                    save()
+            bar.close()
+            # End of epoch: the schedule sees the all-ranks mean commitment loss.
+            total = all_reduce(commit.clone())
+            commit.zero_()
+            state.update(epoch=epoch + 1, batch=0)
+            if schedule.end_epoch(epoch, float(total[0] / total[1].clamp(min=1))):
+                log(f"stage change: {schedule.stage} from epoch {epoch + 1}")
+                apply_stage(cfg, trainer, schedule, world, device)
+                save(f"(entering {schedule.stage})")
+            if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
+                result = evaluate(cfg, trainer.ema, val_loader, device, nets,
+                                  os.path.join(cfg.out, f"recon-{epoch:03d}.png"))
+                log(f"eval epoch {epoch}: " + json.dumps(result))
+                if rank == 0:
+                    append_jsonl(cfg, {"epoch": epoch, "eval": result})
 
-    # Save and evaluate
-    save_checkpoint(cfg, trainer, schedule, state, world, device, log, "(final)")
-    result = evaluate(cfg, trainer.ema, val_loader, device, nets, os.path.join(cfg.out, "recon-final.png"))
-    skipped = all_reduce(torch.tensor([float(state["skipped_images"])], device=device))
-    result.update(stage_start=schedule.stage_start, skipped_images=int(skipped[0]),
-                  bad_steps=state["bad_steps_total"], steps=state["step"])
-    if rank == 0:
-        write_json_atomic(result, os.path.join(cfg.out, "results.json"))
-    log(json.dumps(result))
-    if world > 1:  # bitwise: weights, every quantizer buffer, the EMA weights
-        check_identical({**{f"model.{k}": v for k, v in trainer.model.state_dict().items()},
-                         **{f"ema.{k}": v for k, v in trainer.ema.state_dict().items()},
-                         **{f"disc.{k}": v for k, v in trainer.disc.named_parameters()}}, device)
-    return result
+        # Save and evaluate
+        save("(final)")
+        result = evaluate(cfg, trainer.ema, val_loader, device, nets, os.path.join(cfg.out, "recon-final.png"))
+        result.update(stage_start=schedule.stage_start, unreadable_images=len(state["unreadable"]),
+                      bad_steps=state["bad_steps_total"], steps=state["step"])
+        if rank == 0:
+            write_json_atomic(result, os.path.join(cfg.out, "results.json"))
+        log(json.dumps(result))
+        if world > 1:  # bitwise: weights, every quantizer buffer, the EMA weights
+            check_identical({**{f"model.{k}": v for k, v in trainer.model.state_dict().items()},
+                             **{f"ema.{k}": v for k, v in trainer.ema.state_dict().items()},
+                             **{f"disc.{k}": v for k, v in trainer.disc.named_parameters()}}, device)
+        return result
+    finally:
+        writer.wait()  # a checkpoint being written is finished (or its error raised) before leaving
+
+
+def config_help():
+    """{field: help text} from the comments in Config's source: a field's comment, plus the
+    comment-only lines indented under it (a comment at the field's own indentation opens the
+    next section and belongs to no field)."""
+    comments, last, indent = {}, None, 0
+    for line in inspect.getsource(Config).splitlines():
+        field = re.match(r"^(\s+)(\w+):.*?#\s*(.*)$", line)
+        more = re.match(r"^(\s+)#\s*(.*)$", line)
+        if field:
+            indent, last = len(field.group(1)), field.group(2)
+            comments[last] = field.group(3)
+        elif more and last and len(more.group(1)) > indent:
+            comments[last] += " " + more.group(2)
+        else:
+            last = None
+    return comments
+
+
+class Switch(argparse.Action):
+    """--name sets a bool field, --no-name clears it; one help line for the pair."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not option_string.startswith("--no-"))
 
 
 def parse_args(argv=None):
-    """An argparse parser generated from Config: --help lists every field with its comment
-    (all its lines) and paper default. Options given on the command line override the preset."""
-    import argparse
-    import inspect
-    import re
-    comments, last = {}, None
-    for line in inspect.getsource(Config).splitlines():
-        field = re.match(r"^\s+(\w+):.*?#\s*(.*)$", line)
-        more = re.match(r"^\s+#\s*(.*)$", line)
-        if field:
-            last = field.group(1)
-            comments[last] = field.group(2)
-        elif more and last:
-            comments[last] += " " + more.group(1)
-        else:
-            last = None
+    """An argparse parser generated from Config: --help lists every field with its comment and
+    paper default; a bool field is a pair of flags (--compile / --no-compile). Options given on
+    the command line override the preset."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    comments = config_help()
     for f in dataclasses.fields(Config):
         if f.name == "preset_applied":
             continue
-        flag = "--" + f.name.replace("_", "-")
-        help = f"{comments.get(f.name, '')} (default: {f.default})".replace("%", "%%")
+        name = f.name.replace("_", "-")
+        help = comments.get(f.name, "")
+        if f.default is not None and not re.search(r"\(default\b", help):  # None: its comment explains
+            shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
+            help += f" (default: {shown if shown != '' else repr(shown)})"
+        help = help.replace("%", "%%")
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+            parser.add_argument(f"--{name}", f"--no-{name}", action=Switch, default=argparse.SUPPRESS, help=help)
         else:
             base = {Optional[int]: int, Optional[str]: str}.get(f.type, f.type)
-            parser.add_argument(flag, type=base, default=argparse.SUPPRESS, help=help)
+            parser.add_argument(f"--{name}", type=base, default=argparse.SUPPRESS, help=help)
     given = vars(parser.parse_args(argv))
     try:
         return make_config(given.pop("preset", "paper"), **given)
@@ -1205,6 +1436,12 @@ if __name__ == "__main__":
         if "Original Traceback" in message:  # raised in a DataLoader worker: its last line says it
             message = message.splitlines()[-1].split(": ", 1)[-1]
         sys.exit(f"error: {message}")
+    except Interrupted as e:  # saved; not finished: 128 + the signal number, as a shell reports it
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(e.code)
+    except KeyboardInterrupt:  # Ctrl-C before training began (the loop saves and stops on its own)
+        print("interrupted before training began: nothing was written", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -13,13 +13,16 @@ A trained checkpoint is a tokenizer: see load_autoencoder() and the README.
 This is the twin of train_imagenet.py: same helpers, same loop phases, without what scale adds.
 """
 
+import argparse
 import copy
 import dataclasses
 import gzip
 import hashlib
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import sys
@@ -41,7 +44,7 @@ class Config:
     # data
     data: str = "./data/mnist"           # folder of IDX files; missing ones are downloaded into it
     dataset: str = "mnist"               # mnist | fashion-mnist
-    no_download: bool = False            # never touch the network
+    download: bool = True                # fetch missing files (--no-download: never touch the network)
     out: Optional[str] = None            # output folder (default runs/mnist/<quantizer>)
     overwrite: bool = False              # start afresh in an --out that holds an earlier run
     # model
@@ -179,17 +182,17 @@ def load_split(cfg, split):
     spec = DATASETS[cfg.dataset]
     if os.path.exists(cfg.data) and not os.path.isdir(cfg.data):
         raise DataError(f"--data {cfg.data} is a file, not a folder")
-    os.makedirs(cfg.data, exist_ok=True)
     tensors = {}
     for kind in ("images", "labels"):
         key = f"{split}_{kind}"
         path = os.path.join(cfg.data, FILES[key])
         if not os.path.exists(path):
             urls = [m + FILES[key] for m in spec["mirrors"]]
-            if cfg.no_download:
+            if not cfg.download:
                 raise DataError(f"missing {path}; --no-download is set. Fetch it from {urls[0]} "
                                 f"or drop --no-download")
             print(f"downloading {FILES[key]} ...")
+            os.makedirs(cfg.data, exist_ok=True)
             download(urls, path, spec["md5"][key])
         tensors[kind] = read_idx(path, kind)
     if len(tensors["images"]) != len(tensors["labels"]):
@@ -561,28 +564,36 @@ def resolve(cfg):
     return cfg
 
 
-def prepare_out(cfg):
-    """Create --out, refusing to train over an earlier run without --resume or --overwrite."""
+def check_out(cfg):
+    """Refuse an --out that cannot be written, or that holds an earlier run without --resume or
+    --overwrite. Creates nothing: a run refused later (bad data, bad resume) leaves no folder."""
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise OutputError(f"--out {cfg.out} is a file, not a folder")
+    parent = os.path.abspath(cfg.out)
+    while not os.path.exists(parent):  # the folder that --out would be created in
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise OutputError(f"--out {cfg.out} is not writable ({parent} cannot be written)")
+    if not cfg.resume and not cfg.overwrite and os.path.exists(os.path.join(cfg.out, "ckpt.pt")):
+        raise OutputError(f"--out {cfg.out} holds an earlier run: continue it with --resume auto, "
+                          f"or pass --overwrite to start afresh (its checkpoint is deleted)")
+
+
+def make_out(cfg):
+    """Create --out once the run is sure to start; --overwrite deletes the earlier checkpoint."""
     try:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as e:
         raise OutputError(f"--out {cfg.out}: cannot create it ({e.strerror})") from None
-    if not os.access(cfg.out, os.W_OK):
-        raise OutputError(f"--out {cfg.out} is not writable")
     ckpt = os.path.join(cfg.out, "ckpt.pt")
     if not cfg.resume and os.path.exists(ckpt):
-        if not cfg.overwrite:
-            raise OutputError(f"--out {cfg.out} holds an earlier run: continue it with --resume auto, "
-                              f"or pass --overwrite to start afresh (its checkpoint is deleted)")
         os.remove(ckpt)
 
 
 def main(cfg):
     # Setup
     cfg = resolve(cfg)
-    prepare_out(cfg)
+    check_out(cfg)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
 
@@ -615,6 +626,7 @@ def main(cfg):
         state = ckpt["state"]
         torch.set_rng_state(ckpt["rng"])
         print(f"resumed from {path} at epoch {state['epoch']} ({schedule.stage})")
+    make_out(cfg)
 
     # Training loop
     _, previous = probe(trainer.model, probe_images, None)  # the reference for the first drift
@@ -764,33 +776,64 @@ def stress(cfg):
     return results
 
 
-def parse_args(argv=None):
-    """An argparse parser generated from Config: --help lists every field with its comment
-    (all its lines) and default."""
-    import argparse
-    import inspect
-    import re
-    comments, last = {}, None
+def config_help():
+    """{field: help text} from the comments in Config's source: a field's comment, plus the
+    comment-only lines indented under it (a comment at the field's own indentation opens the
+    next section and belongs to no field)."""
+    comments, last, indent = {}, None, 0
     for line in inspect.getsource(Config).splitlines():
-        field = re.match(r"^\s+(\w+):.*?#\s*(.*)$", line)
-        more = re.match(r"^\s+#\s*(.*)$", line)
+        field = re.match(r"^(\s+)(\w+):.*?#\s*(.*)$", line)
+        more = re.match(r"^(\s+)#\s*(.*)$", line)
         if field:
-            last = field.group(1)
-            comments[last] = field.group(2)
-        elif more and last:
-            comments[last] += " " + more.group(1)
+            indent, last = len(field.group(1)), field.group(2)
+            comments[last] = field.group(3)
+        elif more and last and len(more.group(1)) > indent:
+            comments[last] += " " + more.group(2)
         else:
             last = None
+    return comments
+
+
+class Switch(argparse.Action):
+    """--name sets a bool field, --no-name clears it; one help line for the pair."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not option_string.startswith("--no-"))
+
+
+def parse_args(argv=None):
+    """An argparse parser generated from Config: --help lists every field with its comment
+    and default; a bool field is a pair of flags (--gan / --no-gan)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    comments = config_help()
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        help = f"{comments.get(f.name, '')} (default: {f.default})".replace("%", "%%")
-        if f.type in (bool, Optional[bool]):  # --gan / --no-gan
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help)
+        name = f.name.replace("_", "-")
+        help = comments.get(f.name, "")
+        if f.default is not None and not re.search(r"\(default\b", help):  # None: its comment explains
+            shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
+            help += f" (default: {shown if shown != '' else repr(shown)})"
+        help = help.replace("%", "%%")
+        if f.type in (bool, Optional[bool]):
+            parser.add_argument(f"--{name}", f"--no-{name}", action=Switch, default=f.default, help=help)
         else:
             base = {Optional[int]: int, Optional[str]: str}.get(f.type, f.type)
-            parser.add_argument(flag, type=base, default=f.default, help=help)
+            parser.add_argument(f"--{name}", type=base, default=f.default, help=help)
     return Config(**vars(parser.parse_args(argv)))
+
+
+def interrupted(cfg):
+    """The one line Ctrl-C prints: where the last checkpoint is and how to continue."""
+    if cfg.compare or cfg.stress:
+        return "interrupted; --compare and --stress start their runs afresh each time"
+    path = os.path.join(cfg.out or os.path.join("runs", "mnist", cfg.quantizer), "ckpt.pt")
+    try:
+        epoch = load_checkpoint(path)["state"]["epoch"]
+    except OutputError:
+        return "interrupted before the first checkpoint: nothing to resume"
+    return f"interrupted: {path} holds the run up to epoch {epoch}; continue it with --resume auto"
 
 
 if __name__ == "__main__":
@@ -804,3 +847,6 @@ if __name__ == "__main__":
             main(cfg)
     except (DataError, ValueError, FileNotFoundError, OutputError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print(interrupted(cfg), file=sys.stderr)
+        sys.exit(130)
