@@ -524,6 +524,10 @@ def all_reduce(t, op=None):
     return t
 
 
+def memory_format(cfg):
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
 def autocast(cfg, device):
     if cfg.amp == "none":
         return nullcontext()
@@ -695,8 +699,8 @@ class Trainer:
 def build_trainer(cfg, device, lpips):
     """Model, critic, weight EMA, fused Adam and GradScalers. Call under the same seed on every
     rank: every rank builds the same weights, codebook and quantizer buffers."""
-    model = Autoencoder(cfg).to(device)
-    disc = make_discriminator().to(device)
+    model = Autoencoder(cfg).to(device, memory_format=memory_format(cfg))
+    disc = make_discriminator().to(device, memory_format=memory_format(cfg))
     ema = copy.deepcopy(model).requires_grad_(False)
     # Fused Adam + GradScaler skip a step whose gradients are not finite without the host
     # reading any flag: the scaler hands found_inf to the fused kernel, which then does nothing.
@@ -769,9 +773,10 @@ def train_step(cfg, trainer, x, gan_w, commitment, replace, refill, device):
     trainer.scaler.step(trainer.opt)  # skipped, on the device, if a gradient is not finite
     bad = skipped(trainer.scaler, trainer.opt)
     trainer.scaler.update()
-    if gan_w > 0:  # the critic's step; fp32 inputs, so its compiled graph is the same for both calls
+    if gan_w > 0:  # the critic's step: inputs of one dtype and layout, so one compiled graph serves both
+        fake = x_hat.detach().float().contiguous(memory_format=memory_format(cfg))
         with autocast(cfg, device):
-            d_loss = critic_hinge_loss(trainer.train_disc(x), trainer.train_disc(x_hat.detach().float()))
+            d_loss = critic_hinge_loss(trainer.train_disc(x), trainer.train_disc(fake))
         trainer.opt_d.zero_grad(set_to_none=True)
         trainer.scaler_d.scale(d_loss).backward()
         trainer.scaler_d.step(trainer.opt_d)
@@ -934,7 +939,8 @@ def check_identical(named_tensors, device):
     for name, t in named_tensors.items():
         reference = t.detach().clone()
         dist.broadcast(reference, src=0)
-        same = torch.tensor([float(torch.equal(reference, t.detach()))], device=device)
+        bits = lambda u: u.reshape(-1).view(torch.uint8)  # noqa: E731  (NaN equals NaN, bit for bit)
+        same = torch.tensor([float(torch.equal(bits(reference), bits(t.detach())))], device=device)
         if not all_reduce(same, dist.ReduceOp.MIN)[0]:
             raise RuntimeError(f"ranks disagree: {name} differs across ranks")
 
@@ -1299,9 +1305,7 @@ def main(cfg):
             for images, misses in train_loader:
                 for index, n in misses.tolist():  # a CPU tensor from the loader: no wait on the device
                     unreadable.update((index + j) % len(train_loader.dataset) for j in range(n))
-                x = to_model_range(images.to(device, non_blocking=True))
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = to_model_range(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format(cfg))
                 gan_w = cfg.gan_weight * schedule.gan_weight(epoch + state["batch"] / steps_per_epoch)
                 refill = stages and schedule.replacement  # the latent pool only serves replacement
                 replace = refill and state["step"] % cfg.replace_every == 0
