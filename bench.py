@@ -5,12 +5,13 @@ bench.py -- speed and memory of the quantizers, and the paper's scale simulated 
     python bench.py --device cuda      # the same on a GPU
     python bench.py --quick            # small sizes, a few seconds (used by the tests)
     python bench.py --imagenet --device cuda   # train_imagenet.py's own training step
+    python bench.py --imagenet --flops         # FLOPs of that step, NSVQ and SimVQ (any machine)
     python bench.py --scale-sim        # 0.5 latents per code per step, drifting latents (~9 min)
 
 The table: forward + backward of each whole quantizer (search, losses, straight-through) on
 random latents, median of --repeats warm runs taken in turns, at two sizes: N = 8,192,
-K = 16,384, D = 16 (where the search is bandwidth-bound) and the paper's per-GPU size
-N = 4,096 (16 images x 16x16 tokens), K = 65,536, D = 128. Plus the dense loss written with
+K = 16,384, D = 16 (where the search is bandwidth-bound) and N = 4,096 (16 images x 16x16
+tokens per GPU, half the paper's 32), K = 65,536, D = 128. Plus the dense loss written with
 a materialised (chunk, K, D) tensor, and NSVQ's peak memory at N = 16,384, K = 65,536,
 D = 64 (process RSS in a fresh interpreter; max_memory_allocated on CUDA).
 """
@@ -152,20 +153,45 @@ def seed_codebook_(vq, trainer, x):
             vq.update_(trainer.model.encoder(x), vq(trainer.model.encoder(x)).indices)
 
 
+def imagenet_flops(batch, quick):
+    """FLOPs of one train_imagenet.py training step (convolutions and matrix products, counted by
+    torch.utils.flop_counter in fp32 eager on the CPU; no machine changes them), NSVQ and SimVQ,
+    in the steady state of stage 1 with a replacement call, LPIPS-VGG and the GAN on."""
+    import metrics
+    import train_imagenet as ti
+    from torch.utils.flop_counter import FlopCounterMode
+    flops = {}
+    for quantizer in ("nsvq", "simvq"):
+        cfg = ti.resolve(ti.make_config("tiny" if quick else "paper", data="-", quantizer=quantizer, amp="none",
+                                        compile=False, perceptual_weight=1.0, lpips_weights="random"))
+        torch.manual_seed(0)
+        trainer = ti.build_trainer(cfg, torch.device("cpu"), metrics.LPIPS("vgg", "random"))
+        ti.apply_stage(cfg, trainer, nsvq.StageSchedule(None, None), 1, torch.device("cpu"))
+        x = torch.rand(batch, 3, cfg.image_size, cfg.image_size) * 2 - 1
+        seed_codebook_(trainer.model.vq, trainer, x)
+        upkeep = quantizer == "nsvq"
+        with FlopCounterMode(display=False) as counter:
+            ti.train_step(cfg, trainer, x, cfg.gan_weight, True, upkeep, upkeep, torch.device("cpu"))
+        flops[quantizer] = counter.get_total_flops()
+    print(f"FLOPs per step, {'tiny' if quick else 'paper'} preset, batch {batch} (conv + matmul): "
+          f"NSVQ {flops['nsvq'] / 1e12:.3f} T, SimVQ {flops['simvq'] / 1e12:.3f} T, "
+          f"ratio {flops['nsvq'] / flops['simvq']:.3f}")
+    return flops
+
+
 def imagenet_steps(device, batch, repeats, quick):
     """train_imagenet.py's own train_step in the steady state of stage 1, at `batch` images per
     device (the paper: 4 GPUs x 32), NSVQ and SimVQ, in fp32 eager, bf16 eager and bf16 +
     compile (quick: the tiny preset, eager only). Each timed unit is one replacement cycle of
     the preset (--replace-every steps, replacement on the first), reported per step. Random
     LPIPS weights (they do not change the cost). Plus a figure that no machine changes: the
-    FLOPs of one step (convolutions and matrix products, torch.utils.flop_counter)."""
+    FLOPs of one step (imagenet_flops)."""
     import metrics
     import train_imagenet as ti
-    from torch.utils.flop_counter import FlopCounterMode
     device = torch.device(device)
     torch.backends.cuda.matmul.allow_tf32 = False
     runs = [("none", False), ("bf16", False)] + ([] if quick else [("bf16", True)])  # compiling: ~1 min
-    rows, flops = [], {}
+    rows = []
     for quantizer in ("nsvq", "simvq"):
         for amp, compile_ in runs:
             cfg = ti.resolve(ti.make_config("tiny" if quick else "paper", data="-", quantizer=quantizer, amp=amp,
@@ -180,10 +206,6 @@ def imagenet_steps(device, batch, repeats, quick):
             def cycle():
                 for i in range(cfg.replace_every):
                     ti.train_step(cfg, trainer, x, cfg.gan_weight, True, upkeep and i == 0, upkeep, device)
-            if amp == "none" and not compile_:
-                with FlopCounterMode(display=False) as counter:
-                    ti.train_step(cfg, trainer, x, cfg.gan_weight, True, upkeep, upkeep, device)
-                flops[quantizer] = counter.get_total_flops()
             cycle()  # warm-up (and compilation)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -203,9 +225,7 @@ def imagenet_steps(device, batch, repeats, quick):
         nsvq_row, simvq_row = rows[i], rows[i + len(runs)]
         print(f"NSVQ / SimVQ, {run}: time {nsvq_row['ms'] / simvq_row['ms']:.2f}x, "
               f"memory {nsvq_row['peak_gib'] / simvq_row['peak_gib']:.2f}x")
-    print(f"FLOPs per step (conv + matmul): NSVQ {flops['nsvq'] / 1e12:.3f} T, SimVQ "
-          f"{flops['simvq'] / 1e12:.3f} T, ratio {flops['nsvq'] / flops['simvq']:.3f}")
-    return {"rows": rows, "flops": flops, "batch": batch}
+    return {"rows": rows, "flops": imagenet_flops(batch, quick), "batch": batch}
 
 
 # -----------------------------------------------------------------------------
@@ -372,6 +392,8 @@ def parse_args(argv=None):
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--imagenet", action="store_true", help="time train_imagenet.py's training step")
     parser.add_argument("--batch", type=int, default=32, help="--imagenet: images per device (the paper: 32)")
+    parser.add_argument("--flops", action="store_true", help="--imagenet: only count the FLOPs of a step "
+                        "(a few minutes on a CPU at the paper preset)")
     parser.add_argument("--scale-sim", action="store_true", help="run the scale simulation instead")
     parser.add_argument("--sim-codes", type=int, default=4096, help="K; K/2 latents per step")
     parser.add_argument("--sim-dim", type=int, default=32, help="D")
@@ -409,7 +431,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.imagenet:
+    if args.imagenet and args.flops:
+        result = imagenet_flops(args.batch, args.quick)
+    elif args.imagenet:
         result = imagenet_steps(args.device, args.batch, args.repeats, args.quick)
     elif args.scale_sim:
         result = scale_simulation(args)

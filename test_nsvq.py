@@ -1074,7 +1074,7 @@ def test_bench_imagenet_quick_times_the_trainers_own_step(capsys):
     bench.main(["--imagenet", "--quick", "--repeats", "1", "--batch", "2"])
     out = capsys.readouterr().out
     assert "train_step" in out and "NSVQ / SimVQ, bf16 eager" in out and "steady state" in out
-    nsvq_flops, simvq_flops = (float(v) for v in re.findall(r"(?:NSVQ|SimVQ) ([0-9.]+) T", out))
+    nsvq_flops, simvq_flops = (float(v) for v in re.findall(r"(?:NSVQ|SimVQ) ([0-9.]+) T,", out))
     assert nsvq_flops > 0 and simvq_flops > 0
 
 

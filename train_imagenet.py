@@ -1,14 +1,16 @@
 """
 train_imagenet.py -- the full-scale NSVQ recipe: ImageNet-1k at 128x128, K = 65,536 codes.
 
-    torchrun --nproc_per_node=8 train_imagenet.py --data /path/to/imagenet            # NSVQ, paper preset
-    torchrun --nproc_per_node=8 train_imagenet.py --data ... --quantizer simvq        # the baseline
-    torchrun --nproc_per_node=8 train_imagenet.py --data ... --resume auto            # continue a run
-    torchrun --nproc_per_node=8 train_imagenet.py --data ... --eval-only --resume auto  # rFID etc.
+    torchrun --nproc_per_node=4 train_imagenet.py --data /path/to/imagenet            # NSVQ, paper preset
+    torchrun --nproc_per_node=4 train_imagenet.py --data ... --quantizer simvq        # the baseline
+    torchrun --nproc_per_node=4 train_imagenet.py --data ... --resume auto            # continue a run
+    torchrun --nproc_per_node=4 train_imagenet.py --data ... --eval-only --resume auto  # rFID etc.
     python train_imagenet.py --data ... --prepare --packed /fast/disk/in128           # optional packing
     python train_imagenet.py --preset tiny --data folder --device cpu --amp none      # CPU-sized
 
---data holds train/<wnid>/*.JPEG and val/<wnid>/*.JPEG. --batch-size is the global batch.
+--data holds train/ and val/, each of class folders (<wnid>/*.JPEG) or of images directly.
+--batch-size is the global batch (the paper: 4 GPUs x 32). A run stopped by SIGTERM / Ctrl-C
+saves a checkpoint and exits with 143 / 130.
 Outputs in --out (default runs/imagenet/<quantizer>): ckpt-*.pt, metrics.jsonl, recon-*.png,
 results.json. A checkpoint is a tokenizer: see load_autoencoder() and the README.
 Offline, pass the evaluation and LPIPS weights as files: --lpips-weights DIR, --inception FILE.
@@ -115,7 +117,7 @@ class Config:
     resume: str = ""                     # '' | auto (newest intact checkpoint in --out) | a path
     max_steps: int = 0                   # stop (with a checkpoint) after this many steps; 0: no limit
     ckpt_minutes: float = 30.0           # minutes between checkpoints (also at stage changes, stops
-                                         # and the end); each one is ~1.3 GB at the paper preset
+                                         # and the end); each one is 1.18 GiB at the paper preset
     ckpt_every: int = 0                  # steps between checkpoints instead (0: by --ckpt-minutes)
     keep_ckpts: int = 2                  # how many checkpoints to keep
     log_every: int = 100                 # steps between log lines (the only reads from the device)
@@ -514,6 +516,17 @@ def setup_distributed(cfg):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+LOG_LOCK = threading.Lock()
+
+
+def print_log(*parts):
+    """Rank 0's log: one write per line, flushed at once (torchrun pipes stdout), and whole lines
+    only (the checkpoint writer's thread logs too)."""
+    with LOG_LOCK:
+        sys.stdout.write(" ".join(str(p) for p in parts) + "\n")
+        sys.stdout.flush()
+
+
 def dist_rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -817,8 +830,12 @@ class RunFlags:
         self.start, self.period = time.time(), 60 * ckpt_minutes
         self.saved_period = 0
         self.pending = []  # (host flags, CUDA event or None), oldest first
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handler)
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def close(self):
+        """Give SIGTERM and SIGINT back to the handlers they had before."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handler(self, signum, frame):
         self.signal = signum  # a second signal ends the process at once
@@ -1251,7 +1268,7 @@ def main(cfg):
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     torch.use_deterministic_algorithms(cfg.deterministic)
     torch.backends.cudnn.deterministic = cfg.deterministic
-    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)  # at once under torchrun
+    log = print_log if rank == 0 else (lambda *a: None)
     on_rank_zero(check_out, cfg)
 
     # Create model: one seed for construction on every rank; per-rank seeds only afterwards
@@ -1373,6 +1390,7 @@ def main(cfg):
                              **{f"disc.{k}": v for k, v in trainer.disc.named_parameters()}}, device)
         return result
     finally:
+        flags.close()
         writer.wait()  # a checkpoint being written is finished (or its error raised) before leaving
 
 

@@ -89,7 +89,7 @@ class Config:
     device: str = "auto"                 # auto | cpu | cuda | mps
     seed: int = 0
     resume: str = ""                     # '' | auto (<out>/ckpt.pt) | a path
-    probe_every: int = 50                # steps between probes (drift, churn, utilization, scales)
+    probe_every: int = 100               # steps between probes (drift, churn, utilization, scales)
     quiet: bool = False                  # no progress bars
     # modes
     compare: bool = False                # run the ablation table instead of one run
@@ -368,8 +368,9 @@ class Trainer:
 
 
 def build_trainer(cfg, device):
-    model = Autoencoder(cfg).to(device)
-    disc = make_discriminator().to(device)
+    # channels_last (NHWC): the CPU convolutions of a training step ran 14% faster (EXPERIMENTS.md)
+    model = Autoencoder(cfg).to(device, memory_format=torch.channels_last)
+    disc = make_discriminator().to(device, memory_format=torch.channels_last)
     opt = torch.optim.Adam([
         {"params": model.encoder.parameters(), "lr": cfg.lr * cfg.encoder_lr_mult},
         {"params": model.decoder.parameters(), "lr": cfg.lr},
@@ -640,6 +641,7 @@ def main(cfg):
                    leave=False, dynamic_ncols=True)
         for i in bar:
             x = train_images[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]].to(device)
+            x = x.contiguous(memory_format=torch.channels_last)
             # MNIST keeps the adversarial loss out of stage 1, unlike the paper: from step 0 it swamped
             # this small model's reconstruction (stage 1 ended at test MSE 0.019, not 0.003; EXPERIMENTS.md).
             gan_on = cfg.gan and schedule.stage == "stage2"
