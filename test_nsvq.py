@@ -737,9 +737,13 @@ def test_mnist_download_checks_md5_and_never_leaves_a_partial_file(tmp_path):
     assert target.read_bytes() == b"payload"
 
 
-def test_mnist_compare_variants_are_the_eight_named_methods():
+def test_mnist_compare_variants_are_the_eight_named_methods_and_the_ratio_preset_is_the_papers():
     assert list(train_mnist.VARIANTS) == ["ste", "ste+replace", "ema", "ema+replace", "simvq",
                                           "nsvq-loss-only", "nsvq-no-stages", "nsvq"]
+    runs = train_mnist.compare_runs(paper_ratio=True)
+    assert [o["quantizer"] for _, o in runs] == ["ste", "ema", "simvq", "nsvq", "nsvq"]
+    for _, overrides in runs:  # 49 latents per image: 0.38 latents per code per step (ImageNet: 0.5)
+        assert 0.3 < overrides["batch_size"] * 49 / overrides["codebook_size"] < 0.5
 
 
 def test_mnist_command_line_lists_every_config_field_and_rejects_bad_options(tmp_path, capsys):

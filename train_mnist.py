@@ -94,6 +94,8 @@ class Config:
     # modes
     compare: bool = False                # run the ablation table instead of one run
     compare_epochs: int = 2              # budget of each of the 8 --compare runs
+    paper_ratio: bool = False            # --compare at the paper's codes-per-latent ratio: K = 8,192,
+                                         # batch 64 (0.38 latents per code per step; ImageNet: 0.5)
     stress: bool = False                 # run the drift stress test instead of one run
     stress_epochs: int = 1               # budget of each of the --stress runs
 
@@ -731,20 +733,43 @@ def print_table(results, extra=()):
         print(f"| {r['name']} | " + " | ".join(cells) + " |")
 
 
+# At the paper's ratio of latents to codes (0.5 per code per step at K = 65,536 on 32,768 latents;
+# here K = 8,192 on 64 x 49 = 3,136 latents, 0.38): the MNIST default of NSVQ (absolute tau),
+# the ImageNet one (relative tau), and the baselines that keep their codes alive.
+RATIO = dict(codebook_size=8192, batch_size=64)
+RATIO_VARIANTS = {
+    "ste+replace": dict(quantizer="ste", replace=True),
+    "ema+replace": dict(quantizer="ema", replace=True),
+    "simvq": dict(quantizer="simvq"),
+    "nsvq (absolute tau 0.35)": dict(quantizer="nsvq", tau_mode="absolute", tau=0.35),
+    "nsvq (relative tau 1)": dict(quantizer="nsvq", tau_mode="relative", tau=1.0),
+}
+
+
+def compare_runs(paper_ratio):
+    """(name, overrides) of each --compare run."""
+    if paper_ratio:
+        return [(name, {**RATIO, **overrides}) for name, overrides in RATIO_VARIANTS.items()]
+    return list(VARIANTS.items())
+
+
 def compare(cfg):
-    out = cfg.out or os.path.join("runs", "mnist", "compare")
-    results = run_variants(cfg, list(VARIANTS.items()), out, cfg.compare_epochs)
+    out = cfg.out or os.path.join("runs", "mnist", "compare-ratio" if cfg.paper_ratio else "compare")
+    results = run_variants(cfg, compare_runs(cfg.paper_ratio), out, cfg.compare_epochs)
     print_table(results)
     write_json_atomic([{k: v for k, v in r.items() if k != "history"} for r in results],
                       os.path.join(out, "compare.json"))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for r in results:
-        ax.plot([h["epoch"] for h in r["history"]], [h["utilization"] for h in r["history"]], label=r["name"])
-    ax.set(xlabel="epoch", ylabel="probe utilization", ylim=(0, 1.02), title="codebook utilization")
-    ax.legend(fontsize=8)
+        steps = [h["step"] for h in r["history"]]
+        axes[0].plot(steps, [h["utilization"] for h in r["history"]], label=r["name"])
+        axes[1].plot(steps, [h["mse"] for h in r["history"]], label=r["name"])
+    axes[0].set(xlabel="step", ylabel="codes used (1,000 test images)", ylim=(0, 1.02), title="codebook utilization")
+    axes[1].set(xlabel="step", ylabel="MSE (the same images)", yscale="log", title="reconstruction")
+    axes[0].legend(fontsize=8)
     savefig_atomic(fig, os.path.join(out, "compare.png"), dpi=70, bbox_inches="tight")
     return results
 
