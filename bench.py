@@ -409,6 +409,8 @@ def parse_args(argv=None):
                         "per code per step: EXPERIMENTS.md)")
     parser.add_argument("--figure", default=None, help="--scale-sim: write the figure here")
     args = parser.parse_args(argv)
+    if args.flops and not args.imagenet:
+        parser.error("--flops counts train_imagenet.py's step: pass --imagenet too")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
     for name in ("repeats", "batch", "sim_steps", "sim_replace_every", "sim_dim"):

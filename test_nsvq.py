@@ -744,6 +744,8 @@ def test_mnist_compare_variants_are_the_eight_named_methods_and_the_ratio_preset
     assert [o["quantizer"] for _, o in runs] == ["ste", "ema", "simvq", "nsvq", "nsvq"]
     for _, overrides in runs:  # 49 latents per image: 0.38 latents per code per step (ImageNet: 0.5)
         assert 0.3 < overrides["batch_size"] * 49 / overrides["codebook_size"] < 0.5
+    with pytest.raises(ValueError, match="pass --compare too"):
+        train_mnist.resolve(train_mnist.parse_args(["--paper-ratio"]))
 
 
 def test_mnist_command_line_lists_every_config_field_and_rejects_bad_options(tmp_path, capsys):
@@ -1479,7 +1481,7 @@ def test_mnist_unreadable_and_empty_idx_files_get_clear_errors(tmp_path):
 
 
 @pytest.mark.parametrize("args, error", [
-    (["--repeats", "0"], "--repeats must be >= 1"), (["--json", "/nonexistent/dir/out.json"], "cannot write"),
+    (["--repeats", "0"], "--repeats must be >= 1"), (["--flops"], "pass --imagenet too"), (["--json", "/nonexistent/dir/out.json"], "cannot write"),
     (["--sim-steps", "5", "--scale-sim"], "--sim-steps"), (["--relative-tau", "nan"], "--relative-tau"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device")]))
 def test_bench_checks_its_options_before_running(args, error, capsys):

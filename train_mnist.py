@@ -534,6 +534,8 @@ def resolve(cfg):
     for field in ("dense", "replace", "stages"):
         if getattr(cfg, field) is None:
             setattr(cfg, field, is_nsvq)
+    if cfg.paper_ratio and not cfg.compare:
+        raise ValueError("--paper-ratio sets up the --compare runs: pass --compare too")
     if cfg.quantizer == "simvq" and cfg.replace:
         raise ValueError("--replace does not apply to simvq (it has no per-code parameters)")
     for name in ("codebook_size", "dim", "epochs", "batch_size", "replace_every", "patience",
@@ -717,8 +719,9 @@ def run_variants(cfg, runs, out, epochs):
     results = []
     for name, overrides in runs:
         print(f"\n=== {name} ===")
-        run_cfg = dataclasses.replace(cfg, compare=False, stress=False, gan=False, resume="", overwrite=True,
-                                      epochs=epochs, quiet=True, out=os.path.join(out, name), **overrides)
+        run_cfg = dataclasses.replace(cfg, compare=False, paper_ratio=False, stress=False, gan=False, resume="",
+                                      overwrite=True, epochs=epochs, quiet=True, out=os.path.join(out, name),
+                                      **overrides)
         results.append({"name": name, **{k: v for k, v in main(run_cfg).items() if k != "config"}})
     return results
 
