@@ -1,12 +1,11 @@
 """
-bench.py -- speed and memory of the quantizers, and the paper's scale simulated on a CPU.
+bench.py -- speed, memory and FLOPs of the quantizers and of train_imagenet.py's step.
 
     python bench.py                    # the quantizer table on the CPU (~6 min on 2 cores)
     python bench.py --device cuda      # the same on a GPU
     python bench.py --quick            # small sizes, a few seconds (used by the tests)
     python bench.py --imagenet --device cuda   # train_imagenet.py's own training step
     python bench.py --imagenet --flops         # FLOPs of that step, NSVQ and SimVQ (any machine)
-    python bench.py --scale-sim        # 0.5 latents per code per step, drifting latents (~9 min)
 
 The table: forward + backward of each whole quantizer (search, losses, straight-through) on
 random latents, median of --repeats warm runs taken in turns, at two sizes: N = 8,192,
@@ -18,7 +17,6 @@ D = 64 (process RSS in a fresh interpreter; max_memory_allocated on CUDA).
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -229,158 +227,6 @@ def imagenet_steps(device, batch, repeats, quick):
 
 
 # -----------------------------------------------------------------------------
-# The paper's scale on a CPU: 0.5 latents per code per step, latents that drift
-# -----------------------------------------------------------------------------
-
-class DriftingMixture:
-    """A stand-in for an encoder whose output keeps moving: `modes` Gaussian blobs (std 0.5 per
-    dimension, centres N(0, 4 I)) whose centres travel along their own random directions while
-    the whole cloud grows. At speed 1 a centre moves one blob radius (0.5 sqrt(D)) every 2,000
-    steps, a quarter of what an Adam step of lr 1e-3 can move a code (1e-3 sqrt(D)), and the
-    cloud grows by 10% over `steps`; `speed` multiplies both (the paper's Fig. 2 multiplies the
-    encoder's learning rate by 0.1 ... 10): at 10 a code moved by its gradient cannot keep up."""
-
-    def __init__(self, modes, dim, steps, speed, generator):
-        self.centres = 2.0 * torch.randn(modes, dim, generator=generator)
-        directions = torch.randn(modes, dim, generator=generator)
-        self.velocity = directions / directions.norm(dim=1, keepdim=True) * speed * 0.5 * dim ** 0.5 / 2000
-        self.growth = 0.1 * speed / steps
-        self.generator = generator
-
-    def sample(self, n, step):
-        pick = torch.randint(len(self.centres), (n,), generator=self.generator)
-        centres = self.centres + step * self.velocity  # (modes, D)
-        z = centres[pick] + 0.5 * torch.randn(n, self.centres.shape[1], generator=self.generator)
-        return z * (1.0 + self.growth * step)  # (n, D)
-
-
-SIM_METHODS = ("ste+replace", "ema+replace", "simvq", "nsvq-no-replace", "nsvq")
-EXTRA_SIM_METHODS = ("nsvq-absolute-tau",)  # with --sim-methods
-
-
-def make_sim_quantizer(method, K, D, args):
-    """(quantizer, replaces during training) for a method name of the simulation."""
-    if method == "ste+replace":
-        return nsvq.VectorQuantizer(K, D), True
-    if method == "ema+replace":
-        return nsvq.EMAVectorQuantizer(K, D, decay=args.ema_decay), True
-    if method == "simvq":
-        return nsvq.SimVQ(K, D), False
-    if method == "nsvq-absolute-tau":
-        return nsvq.NSVQ(K, D, tau=args.absolute_tau), True
-    relative = nsvq.NSVQ(K, D, tau=args.relative_tau, tau_mode="relative")
-    return relative, method == "nsvq"
-
-
-def simulate(method, speed, args, seed=0):
-    """Train one codebook on the drifting mixture; return its curves (every 20 steps) and totals.
-
-    Every method starts from the same data: replacement runs until every code has been seeded
-    from latents (SimVQ has no per-code parameters and starts from its own initialisation); then
-    runs every --sim-replace-every steps for the methods that replace. Curves: utilization and
-    perplexity of the codes used in the last 20 steps (10 expected assignments per code),
-    quantization error relative to the latents' variance, kernel mass, duplicate codes.
-    """
-    K, N, D, steps = args.sim_codes, args.sim_codes // 2, args.sim_dim, args.sim_steps
-    torch.manual_seed(seed)
-    data = DriftingMixture(K // 32, D, steps, speed, torch.Generator().manual_seed(seed))
-    vq, replaces = make_sim_quantizer(method, K, D, args)
-    params = list(vq.parameters())
-    opt = torch.optim.Adam(params, lr=args.sim_lr) if params else None
-    curves, window, previous = [], torch.zeros(K), torch.zeros(K)
-    sums = {"error": 0.0, "mass": 0.0}
-    reseeded = live_reseeded = 0
-    for step in range(steps):
-        z = data.sample(N, step)  # (N, D)
-        out = vq(z)
-        if opt:
-            opt.zero_grad(set_to_none=True)
-            sum(out.losses.values()).backward()
-            opt.step()
-        counts = vq.update_(z, out.indices)
-        window += counts
-        seeding = method != "simvq" and not bool(vq.upkeep.seeded.all())
-        if seeding or (replaces and step % args.sim_replace_every == 0):
-            dead = vq.replace_dead_codes_()
-            if opt:
-                nsvq.reset_adam_state_(opt, vq.embedding, dead)
-            if not seeding:  # "live": chosen in the last 20 to 40 steps
-                reseeded += len(dead)
-                live_reseeded += int(((window + previous)[dead] > 0).sum())
-        error = nsvq.mean_quantization_error(z, vq.codebook.detach(), out.indices)
-        sums["error"] += float(error / z.var(0).sum())
-        sums["mass"] += float(out.diagnostics.get("kernel_mass", float("nan")))
-        if (step + 1) % 20 == 0:
-            health = nsvq.codebook_stats(window)
-            curves.append({"step": step + 1, "utilization": health["utilization"],
-                           "perplexity": health["perplexity"], "rel_error": sums["error"] / 20,
-                           "kernel_mass": sums["mass"] / 20,
-                           "duplicates": nsvq.duplicate_codes(vq.codebook.detach())})
-            window, previous = torch.zeros(K), window
-            sums = {"error": 0.0, "mass": 0.0}
-    last = curves[len(curves) // 2:]  # the second half of the run
-    return {"method": method, "speed": speed, "curves": curves,
-            "utilization": curves[-1]["utilization"], "perplexity": curves[-1]["perplexity"],
-            "rel_error": statistics.mean(c["rel_error"] for c in last),
-            "kernel_mass": statistics.mean(c["kernel_mass"] for c in curves),
-            "reseeded": reseeded, "live_reseeded": live_reseeded,
-            "duplicates": max(c["duplicates"] for c in curves)}
-
-
-def scale_simulation(args):
-    t0 = time.time()
-    K = args.sim_codes
-    print(f"K = {K} codes, {K // 2} latents per step (0.5 per code), D = {args.sim_dim}, "
-          f"{K // 32} drifting modes, {args.sim_steps} steps, Adam lr {args.sim_lr}, replacement "
-          f"every {args.sim_replace_every} steps; relative tau {args.relative_tau}, absolute tau "
-          f"{args.absolute_tau}, EMA decay {args.ema_decay}")
-    results = []
-    for speed in args.sim_speeds:
-        for method in args.sim_methods:
-            r = simulate(method, speed, args)
-            results.append(r)
-            print(f"x{speed:<4g} {method:18s} util {r['utilization']:6.1%} ppl {r['perplexity']:6.0f} "
-                  f"rel.error {r['rel_error']:.4f} re-seeded {r['reseeded']:5d} (live {r['live_reseeded']:4d}) "
-                  f"duplicates {r['duplicates']} mass {r['kernel_mass']:.2f}  [{time.time() - t0:.0f}s]",
-                  flush=True)
-    print("\n| method | drift | utilization | perplexity | quant. error / var | re-seeded (live) | duplicates | kernel mass |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        mass = "—" if math.isnan(r["kernel_mass"]) else f"{r['kernel_mass']:.2f}"
-        print(f"| {r['method']} | x{r['speed']:g} | {r['utilization']:.1%} | {r['perplexity']:.0f} | "
-              f"{r['rel_error']:.4f} | {r['reseeded']} ({r['live_reseeded']}) | {r['duplicates']} | {mass} |")
-    print(f"\n{time.time() - t0:.0f} s")
-    if args.figure:
-        plot_simulation(results, args)
-    return results
-
-
-def plot_simulation(results, args):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    speeds = list(dict.fromkeys(r["speed"] for r in results))
-    fig, axes = plt.subplots(2, len(speeds), figsize=(4 * len(speeds), 6), squeeze=False)
-    for col, speed in enumerate(speeds):
-        for r in (r for r in results if r["speed"] == speed):
-            steps = [c["step"] for c in r["curves"]]
-            axes[0, col].plot(steps, [c["utilization"] for c in r["curves"]], label=r["method"])
-            axes[1, col].plot(steps, [c["rel_error"] for c in r["curves"]], label=r["method"])
-        axes[0, col].set(title=f"drift x{speed:g}", ylim=(0, 1.02), ylabel="codes used (last 20 steps)")
-        axes[1, col].set(xlabel="step", yscale="log", ylabel="quant. error / latent variance")
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    tmp = f"{args.figure}.tmp{os.getpid()}.png"
-    try:
-        fig.savefig(tmp, dpi=55)
-        os.replace(tmp, args.figure)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    print(f"wrote {args.figure}")
-
-
-# -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
 
@@ -394,40 +240,18 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=32, help="--imagenet: images per device (the paper: 32)")
     parser.add_argument("--flops", action="store_true", help="--imagenet: only count the FLOPs of a step "
                         "(a few minutes on a CPU at the paper preset)")
-    parser.add_argument("--scale-sim", action="store_true", help="run the scale simulation instead")
-    parser.add_argument("--sim-codes", type=int, default=4096, help="K; K/2 latents per step")
-    parser.add_argument("--sim-dim", type=int, default=32, help="D")
-    parser.add_argument("--sim-steps", type=int, default=1200)
-    parser.add_argument("--sim-speeds", type=float, nargs="+", default=[0.1, 1.0, 3.0, 10.0])
-    parser.add_argument("--sim-methods", nargs="+", default=list(SIM_METHODS),
-                        choices=SIM_METHODS + EXTRA_SIM_METHODS)
-    parser.add_argument("--sim-lr", type=float, default=1e-3, help="Adam lr of the codebooks")
-    parser.add_argument("--sim-replace-every", type=int, default=10)
-    parser.add_argument("--relative-tau", type=float, default=1.0)
-    parser.add_argument("--absolute-tau", type=float, default=0.35)
-    parser.add_argument("--ema-decay", type=float, default=0.99, help="(0.8 breaks at 0.5 latents "
-                        "per code per step: EXPERIMENTS.md)")
-    parser.add_argument("--figure", default=None, help="--scale-sim: write the figure here")
     args = parser.parse_args(argv)
     if args.flops and not args.imagenet:
         parser.error("--flops counts train_imagenet.py's step: pass --imagenet too")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
-    for name in ("repeats", "batch", "sim_steps", "sim_replace_every", "sim_dim"):
+    for name in ("repeats", "batch"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.sim_codes < 64 or args.sim_steps < 20:
-        parser.error("--sim-codes must be >= 64 and --sim-steps >= 20")
-    for name in ("sim_lr", "relative_tau", "absolute_tau"):
-        value = getattr(args, name)
-        if not (math.isfinite(value) and value > 0):
-            parser.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
-    if not 0 <= args.ema_decay < 1 or not all(math.isfinite(s) and s > 0 for s in args.sim_speeds):
-        parser.error("--ema-decay must be in [0, 1) and every --sim-speeds value > 0")
-    for path in (args.json, args.figure):  # found out now, not after minutes of benchmarking
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
-        if folder and (not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
-            parser.error(f"cannot write {path}: folder {folder} does not exist or is not writable")
+    if args.json:  # found out now, not after minutes of benchmarking
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            parser.error(f"cannot write {args.json}: folder {folder} does not exist or is not writable")
     return args
 
 
@@ -437,8 +261,6 @@ def main(argv=None):
         result = imagenet_flops(args.batch, args.quick)
     elif args.imagenet:
         result = imagenet_steps(args.device, args.batch, args.repeats, args.quick)
-    elif args.scale_sim:
-        result = scale_simulation(args)
     else:
         result = quantizer_table(args)
     if args.json:

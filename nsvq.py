@@ -36,7 +36,7 @@ Contents:
     2. The dense non-stationary loss (part 1 of the method)
     3. Usage and replacement (part 2): CodebookUpkeep, reset_adam_state_
     4. Baselines: VectorQuantizer (STE), EMAVectorQuantizer, SimVQ
-    5. NSVQ: the STE quantizer plus the dense loss
+    5. NSVQ: the STE quantizer plus the dense loss; NSSimVQ, SimVQ's codebook with it
     6. The stage schedule (part 3)
     7. Diagnostics: utilization, perplexity, drift, churn, kernel mass
     8. The 2-D toy demo (python nsvq.py)
@@ -702,7 +702,7 @@ class SimVQ(VectorQuantizer):
 
 
 # -----------------------------------------------------------------------------
-# 5. NSVQ: the STE quantizer plus the dense loss
+# 5. NSVQ: the STE quantizer plus the dense loss (and NSSimVQ: SimVQ's codebook with it)
 # -----------------------------------------------------------------------------
 
 class NSVQ(VectorQuantizer):
@@ -746,6 +746,20 @@ class NSVQ(VectorQuantizer):
             return dense.indices, {"ns": self.alpha * dense.loss}, {"kernel_mass": dense.mass,
                                                                     "tau": dense.tau}
         return nearest_code(z, codebook, self.chunk_size), {"ns": codebook.new_zeros(())}, {}
+
+
+class NSSimVQ(NSVQ, SimVQ):
+    """SimVQ's codebook trained with NSVQ's dense loss: the paper trains SimVQ with its loss and
+    stages too, to show that the loss is not tied to one codebook parametrisation.
+
+        codebook = basis @ W^T + b (SimVQ)     losses = NSVQ's, L_NS on that effective codebook
+
+    Every code is a row of the effective codebook, so the dense term's gradient reaches W and b
+    through all codes near each latent, not only through the winners. The class only combines
+    the two: codebook and the missing replace_dead_codes_ come from SimVQ (no per-code
+    parameters), assign (the dense loss) from NSVQ; the loop drives vq.dense as for NSVQ.
+    Arguments: those of NSVQ; the replacement ones do not apply. Shapes: as VectorQuantizer.
+    """
 
 
 # -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Run with:  python -m pytest -q test_nsvq.py
 Everything runs on the CPU with tiny tensors and fixed seeds.
 """
 
+import argparse
 import dataclasses
 import glob
 import itertools
@@ -19,10 +20,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import experiments
 import nsvq
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-QUANTIZERS = [nsvq.VectorQuantizer, nsvq.EMAVectorQuantizer, nsvq.SimVQ, nsvq.NSVQ]
+QUANTIZERS = [nsvq.VectorQuantizer, nsvq.EMAVectorQuantizer, nsvq.SimVQ, nsvq.NSVQ, nsvq.NSSimVQ]
 
 
 # --- naive oracles, written without the chunked expansion ------------------------------------
@@ -189,6 +191,32 @@ def test_simvq_losses_train_the_linear_map_not_the_frozen_basis():
     sum(out.losses.values()).backward()
     assert vq.proj.weight.grad.abs().sum() > 0 and vq.proj.bias.grad.abs().sum() > 0
     assert "basis" in dict(vq.named_buffers()) and not vq.basis.requires_grad
+
+
+def test_simvq_with_the_dense_loss_is_nsvqs_loss_on_the_effective_codebook_and_trains_the_map():
+    torch.manual_seed(12)
+    vq = nsvq.NSSimVQ(16, 3, alpha=0.5, tau=0.2)
+    torch.nn.init.normal_(vq.proj.weight, std=0.7)
+    z_e = torch.randn(2, 3, 4, 5)
+    out = vq(z_e)
+    codebook = vq.codebook.detach()
+    z = z_e.movedim(1, -1).reshape(-1, 3)
+    indices = brute_force_distances(z, codebook).argmin(1)
+    expected = 0.5 * naive_dense_loss(z, codebook.clone().requires_grad_(), indices, 0.2, "softmax", 0.01)
+    assert torch.equal(out.indices.reshape(-1), indices)
+    torch.testing.assert_close(out.losses["ns"], expected.float(), rtol=1e-5, atol=1e-7)
+    # The dense term alone reaches W and b, through every code that did not win a latent.
+    weight = vq.proj.weight.detach().clone().requires_grad_()
+    book = torch.nn.functional.linear(vq.basis, weight, vq.proj.bias.detach())
+    reference = 0.5 * naive_dense_loss(z.double(), book.double(), indices, 0.2, "softmax", 0.01)
+    reference.backward()
+    out.losses["ns"].backward()
+    assert vq.proj.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(vq.proj.weight.grad, weight.grad.float(), rtol=1e-4, atol=1e-7)
+    with pytest.raises(NotImplementedError, match="SimVQ"):
+        vq.replace_dead_codes_()
+    vq.dense = False
+    assert vq(z_e).losses["ns"] == 0
 
 
 # --- 3. behaviour -------------------------------------------------------------------------------
@@ -474,7 +502,7 @@ def test_bad_inputs_raise_clear_errors(bad, error):
 def test_indices_under_bf16_autocast_equal_the_fp32_indices(cls):
     torch.manual_seed(10)
     vq = cls(512, 8)
-    if cls is nsvq.SimVQ:  # a trained-looking map, not the identity-ish initial one
+    if issubclass(cls, nsvq.SimVQ):  # a trained-looking map, not the identity-ish initial one
         torch.nn.init.normal_(vq.proj.weight, std=0.5)
     else:
         with torch.no_grad():
@@ -737,15 +765,59 @@ def test_mnist_download_checks_md5_and_never_leaves_a_partial_file(tmp_path):
     assert target.read_bytes() == b"payload"
 
 
-def test_mnist_compare_variants_are_the_eight_named_methods_and_the_ratio_preset_is_the_papers():
-    assert list(train_mnist.VARIANTS) == ["ste", "ste+replace", "ema", "ema+replace", "simvq",
-                                          "nsvq-loss-only", "nsvq-no-stages", "nsvq"]
-    runs = train_mnist.compare_runs(paper_ratio=True)
-    assert [o["quantizer"] for _, o in runs] == ["ste", "ema", "simvq", "nsvq", "nsvq"]
-    for _, overrides in runs:  # 49 latents per image: 0.38 latents per code per step (ImageNet: 0.5)
-        assert 0.3 < overrides["batch_size"] * 49 / overrides["codebook_size"] < 0.5
-    with pytest.raises(ValueError, match="pass --compare too"):
-        train_mnist.resolve(train_mnist.parse_args(["--paper-ratio"]))
+def test_mnist_init_from_starts_from_the_given_weights_and_refuses_a_model_they_do_not_fit(tmp_path):
+    cfg = train_mnist.resolve(tiny_config(tmp_path, quantizer="ste", replace=False, stages=False))
+    model = train_mnist.Autoencoder(cfg)
+    with torch.no_grad():
+        model.vq.embedding.copy_(torch.randn(64, 4) * 3)  # far from the default initialisation
+    torch.save(model.state_dict(), tmp_path / "init.pt")
+    run = tiny_config(tmp_path, quantizer="ste", replace=False, stages=False, gan=False, epochs=1, lr=1e-9,
+                      init_from=str(tmp_path / "init.pt"))
+    train_mnist.main(run)
+    trained = train_mnist.load_autoencoder(str(tmp_path / "run" / "ckpt.pt"))
+    torch.testing.assert_close(trained.vq.embedding, model.vq.embedding, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        train_mnist.main(dataclasses.replace(run, width=32, overwrite=True))
+    with pytest.raises(ValueError, match="pass one"):
+        train_mnist.resolve(dataclasses.replace(run, resume="auto"))
+
+
+def test_mnist_gan_in_stage_one_and_the_late_reseeding_act_where_they_say(tmp_path):
+    r = train_mnist.main(tiny_config(tmp_path, gan_stage1=True, epochs=3, freeze_epoch=1))
+    by_stage = {e["stage"]: e for e in r["epoch_log"]}
+    assert "gan" in by_stage["stage1"] and "gan" not in by_stage["warmup"] and "gan" in by_stage["stage2"]
+    r = train_mnist.main(tiny_config(tmp_path, overwrite=True, epochs=3, freeze_epoch=1))
+    assert "gan" not in r["epoch_log"][0]  # the default keeps it out of stage 1
+    # --reseed-at 4: from step 4 every code is re-seeded once more, live or not. The pool hands out
+    # 16 latents per call here (a quarter of K), so each seeding of all 64 codes takes 4-5 calls.
+    seen = {}
+    real = nsvq.CodebookUpkeep.reseed_
+    for at in (0, 4):
+        seen[at] = []
+
+        def spy(self, codebook, threshold=0.01):
+            dead, new = real(self, codebook, threshold)
+            seen[at].append(len(dead))
+            return dead, new
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(nsvq.CodebookUpkeep, "reseed_", spy)
+            train_mnist.main(tiny_config(tmp_path, overwrite=True, gan=False, epochs=2, stages=False, reseed_at=at))
+    assert seen[4][:4] == seen[0][:4] and sum(seen[0][:5]) == 64  # the same first seeding
+    assert sum(seen[4][4:9]) == 64 and sum(seen[0][4:9]) < 64
+    with pytest.raises(ValueError, match="needs --replace"):
+        train_mnist.resolve(tiny_config(tmp_path, quantizer="ste", reseed_at=3))
+
+
+def test_mnist_evaluation_ssim_is_metrics_ssim_over_the_test_split(tmp_path):
+    import metrics
+    cfg = train_mnist.resolve(tiny_config(tmp_path))
+    model = train_mnist.Autoencoder(cfg)
+    images = torch.rand(30, 1, 28, 28)
+    result, _ = train_mnist.evaluate(model, images, batch_size=7)
+    with torch.no_grad():
+        model.eval()
+        expected = float(metrics.ssim(model(images)[0], images).mean())
+    assert result["test_ssim"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_mnist_command_line_lists_every_config_field_and_rejects_bad_options(tmp_path, capsys):
@@ -839,6 +911,16 @@ def test_imagenet_tiny_runs_all_stages_counts_a_corrupt_jpeg_and_gives_a_tokeniz
     indices = model.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
     assert indices.shape == (2, 16, 16) and model.decode(indices).shape == (2, 3, 32, 32)
     assert not [p for p in os.listdir(tmp_path / "run") if ".tmp" in p]  # no temporary file left
+
+
+def test_imagenet_simvq_with_the_dense_loss_trains_in_stages_and_replaces_nothing(tmp_path):
+    result = train_imagenet.main(tiny_imagenet(tmp_path, quantizer="simvq-ns"))
+    assert result["stage_start"] == {"stage1": 0, "warmup": 1, "stage2": 2}
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    stage1 = [line for line in lines if line.get("stage") == "stage1"]
+    assert stage1 and all(line["ns"] > 0 and 0 < line["kernel_mass"] < 1 and line["reseeded"] == 0 for line in stage1)
+    model = train_imagenet.load_autoencoder(train_imagenet.checkpoints(str(tmp_path / "run"))[-1])
+    assert isinstance(model.vq, nsvq.NSSimVQ) and len(model.vq.upkeep.latent_pool) == 0
 
 
 def test_imagenet_resume_after_a_stop_matches_the_uninterrupted_run_bitwise(tmp_path):
@@ -1482,7 +1564,6 @@ def test_mnist_unreadable_and_empty_idx_files_get_clear_errors(tmp_path):
 
 @pytest.mark.parametrize("args, error", [
     (["--repeats", "0"], "--repeats must be >= 1"), (["--flops"], "pass --imagenet too"), (["--json", "/nonexistent/dir/out.json"], "cannot write"),
-    (["--sim-steps", "5", "--scale-sim"], "--sim-steps"), (["--relative-tau", "nan"], "--relative-tau"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device")]))
 def test_bench_checks_its_options_before_running(args, error, capsys):
     import bench
@@ -1496,3 +1577,107 @@ def test_nsvq_demo_help_prints_usage_and_runs_nothing(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "usage:" in run.stdout and "--out" in run.stdout
     assert os.listdir(tmp_path) == []
+
+
+# --- 9. experiments.py: each subcommand on tiny data ---------------------------------------
+
+
+def tiny_experiment(tmp_path, **args):
+    base = tiny_config(tmp_path, gan=False)
+    return base, argparse.Namespace(**{"out": str(tmp_path / "exp"), "epochs": 2, "seeds": 1, **args})
+
+
+def test_experiments_compare_runs_every_variant_and_the_ratio_preset_is_the_papers(tmp_path, monkeypatch):
+    runs = experiments.compare_runs(paper_ratio=True)
+    for _, overrides in runs:  # 49 latents per image: 0.38 latents per code per step (ImageNet: 0.5)
+        assert 0.3 < overrides["batch_size"] * 49 / overrides["codebook_size"] < 0.5
+    assert {o["quantizer"] for _, o in runs} == {"ste", "ema", "simvq", "nsvq"}
+    assert "simvq-ns" in experiments.VARIANTS and "nsvq-replace-from-codes" in experiments.VARIANTS
+    monkeypatch.setattr(experiments, "VARIANTS", {k: experiments.VARIANTS[k] for k in ("ste", "simvq-ns")})
+    base, args = tiny_experiment(tmp_path, paper_ratio=False, seeds=2)
+    results = experiments.compare(base, args)
+    assert [(r["name"], r["seed"]) for r in results] == [("ste", 0), ("ste", 1), ("simvq-ns", 0), ("simvq-ns", 1)]
+    saved = json.load(open(tmp_path / "exp" / "compare.json"))
+    row = saved["summary"][1]
+    mses = [r["test_mse"] for r in results if r["name"] == "simvq-ns"]
+    assert row["name"] == "simvq-ns" and row["test_mse"] == pytest.approx(sum(mses) / 2)
+    assert row["test_mse_sd"] == pytest.approx(abs(mses[0] - mses[1]) / 2 ** 0.5)
+    assert (tmp_path / "exp" / "compare.png").stat().st_size > 0
+
+
+def test_experiments_stress_and_sensitivity_run_their_grids(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "STRESS_MULTS", (3.0,))
+    base, args = tiny_experiment(tmp_path)
+    results = experiments.stress(base, args)
+    assert [r["name"] for r in results] == [f"{arm} @x3" for arm in experiments.STRESS_ARMS]
+    assert all(r["drift"] > 0 for r in results)
+    monkeypatch.setattr(experiments, "ALPHAS", (0.0, 0.3))
+    monkeypatch.setattr(experiments, "TAUS", {"absolute": (0.35,), "relative": (1.0,)})
+    results = experiments.sensitivity(base, args)
+    mass = {r["name"]: r["kernel_mass"] for r in results}
+    assert list(mass) == ["alpha 0", "absolute tau 0.35, alpha 0.3", "relative tau 1, alpha 0.3"]
+    assert all(0 < m < 1 for m in mass.values())
+    assert (tmp_path / "exp" / "sensitivity.png").stat().st_size > 0
+
+
+def test_experiments_kmeans_finds_separated_blobs_and_pearson_matches_numpy():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [0.0, 10.0], [10.0, 0.0], [10.0, 10.0]])  # sorted by (x, y)
+    z = centres.repeat_interleave(50, 0) + 0.1 * torch.randn(200, 2, generator=g)
+    found, shares = experiments.kmeans(z, 4)
+    order = sorted(range(4), key=lambda k: (round(float(found[k, 0])), round(float(found[k, 1]))))
+    torch.testing.assert_close(found[order], centres, atol=0.05, rtol=0)
+    assert torch.allclose(shares, torch.full((4,), 0.25))
+    a, b = torch.randn(20, generator=g).tolist(), torch.randn(20, generator=g).tolist()
+    assert experiments.pearson(a, b) == pytest.approx(float(np.corrcoef(a, b)[0, 1]))
+
+
+def test_experiments_controlled_starts_both_arms_from_the_same_kmeans_codebook(tmp_path):
+    base, args = tiny_experiment(tmp_path, pretrain_epochs=2, probe_every=2)
+    results = experiments.controlled(base, args)
+    assert [r["name"] for r in results] == list(experiments.CONTROLLED_ARMS)
+    start = torch.load(tmp_path / "exp" / "kmeans_start.pt")
+    assert bool(start["vq.upkeep.seeded"].all()) and start["vq.upkeep.usage"].sum() == pytest.approx(1.0)
+    for r in results:  # the first probe sees the k-means codebook: its codes, not the random init
+        assert r["history"][0]["code_norm"] == pytest.approx(float(start["vq.embedding"].norm(dim=1).mean()), rel=0.2)
+        assert -1 <= r["corr_drift_churn"] <= 1 or math.isnan(r["corr_drift_churn"])
+    assert (tmp_path / "exp" / "controlled.png").stat().st_size > 0
+
+
+def test_experiments_phases_and_plateau_follow_their_schedules(tmp_path):
+    base, args = tiny_experiment(tmp_path)
+    args.epochs = 4  # the staged arms freeze after 60% of it, epoch 2
+    results = {r["name"]: r for r in experiments.phases(base, args)}
+    assert results["stage 1 only, GAN from step 0"]["stage_start"] == {"stage1": 0}
+    assert results["freeze, no warm-up, stage 2"]["stage_start"] == {"stage1": 0, "warmup": 2, "stage2": 2}
+    assert results["full: freeze, warm-up, stage 2"]["stage_start"] == {"stage1": 0, "warmup": 2, "stage2": 3}
+    full = results["full: freeze, warm-up, stage 2"]["epoch_log"]
+    assert "gan" not in full[0] and "gan" in full[-1] and "gan" in results["full, GAN from step 0 of stage 1 (the paper)"]["epoch_log"][0]
+    assert all("gan" not in e for e in results["full, no GAN at all"]["epoch_log"])
+    assert all(-1 <= r["test_ssim"] <= 1 for r in results.values())
+    args.patience, args.epochs = 1, 4
+    (r,) = experiments.plateau(base, args)
+    commit = [e["commit"] for e in r["epoch_log"] if e["stage"] == "stage1"]
+    if r["stage_start"].get("warmup") is None:  # never fired: every epoch set a new best
+        assert all(b < min(commit[:i + 1]) for i, b in enumerate(commit[1:]))
+    else:  # fired right after the first epoch that set no new best
+        frozen = r["stage_start"]["warmup"]
+        assert len(commit) == frozen and commit[-1] >= min(commit[:-1])
+        assert all(b < min(commit[:i + 1]) for i, b in enumerate(commit[1:-1]))
+        assert r["freeze_fraction"] == frozen / 4
+
+
+def test_experiments_scale_sim_runs_every_method_and_checks_its_options(tmp_path, capsys):
+    methods = list(experiments.SIM_METHODS + experiments.EXTRA_SIM_METHODS)
+    results = experiments.main(["scale-sim", "--out", str(tmp_path / "sim"), "--sim-codes", "64",
+                                "--sim-steps", "40", "--sim-speeds", "1", "--sim-methods", *methods])
+    assert [r["method"] for r in results] == methods
+    assert all(r["duplicates"] == 0 and r["live_reseeded"] == 0 for r in results)
+    assert (tmp_path / "sim" / "scale-sim.png").stat().st_size > 0
+    for argv, error in ((["scale-sim", "--sim-steps", "5"], "--sim-steps"), (["scale-sim", "--relative-tau", "nan"], "--relative-tau"),
+                        (["stress", "--epochs", "0"], "--epochs"), (["compare", "--seeds", "-1"], "--seeds")):
+        with pytest.raises(SystemExit) as exit_:
+            experiments.parse_args(argv)
+        assert exit_.value.code == 2 and error in capsys.readouterr().err
+    with pytest.raises(train_mnist.DataError, match="--no-download"):
+        experiments.main(["compare", "--data", str(tmp_path / "nothing"), "--no-download", "--out", str(tmp_path / "c")])

@@ -71,7 +71,8 @@ class Config:
     num_res_blocks: int = 2              # per level, and in the middle
     dim: int = 128                       # D, code dimension
     # quantizer
-    quantizer: str = "nsvq"              # nsvq | simvq | ema | ste
+    quantizer: str = "nsvq"              # nsvq | simvq | ema | ste | simvq-ns (SimVQ + the dense loss
+                                         # and the stages, as the paper also trains it)
     codebook_size: int = 65536           # K (the paper's headline)
     beta: float = 0.25                   # commitment weight (VQ-VAE; SimVQ)
     ema_decay: float = 0.99              # EMAVectorQuantizer decay (VQ-VAE-2)
@@ -91,7 +92,7 @@ class Config:
     l1_weight: float = 1.0               # pixel L1
     perceptual_weight: float = 1.0       # LPIPS-VGG training loss; 0 trains without it
     gan_weight: float = 0.1              # generator's adversarial weight (PatchGAN, hinge critic)
-    # stages (nsvq only; the baselines train in one stage, as published)
+    # stages (nsvq and simvq-ns; the baselines train in one stage, as published)
     patience: int = 10                   # epochs without a new best commitment loss (paper)
     freeze_epoch: Optional[int] = 60     # freeze by then at the latest (ours; 0: plateau only)
     warmup_epochs: int = 2               # encoder frozen, no GAN (ours: the paper gives none)
@@ -143,7 +144,7 @@ PRESETS = {
                  workers=0, compile=False, perceptual_weight=0.0, eval_lpips=False, inception="none",
                  log_every=2, replace_every=1, eval_batch=8),
 }
-QUANTIZERS = ("nsvq", "simvq", "ema", "ste")
+QUANTIZERS = ("nsvq", "simvq", "ema", "ste", "simvq-ns")
 
 
 def make_config(preset="paper", **changes):
@@ -414,8 +415,10 @@ def make_quantizer(cfg):
         return nsvq.EMAVectorQuantizer(K, D, decay=cfg.ema_decay, **upkeep)
     if cfg.quantizer == "simvq":
         return nsvq.SimVQ(K, D, beta=cfg.beta, usage_horizon=cfg.usage_horizon)
-    return nsvq.NSVQ(K, D, alpha=cfg.alpha, tau=cfg.tau, tau_mode=cfg.tau_mode,
-                     weighting=cfg.weighting, lam=cfg.lam, **upkeep)
+    dense = dict(alpha=cfg.alpha, tau=cfg.tau, tau_mode=cfg.tau_mode, weighting=cfg.weighting, lam=cfg.lam)
+    if cfg.quantizer == "simvq-ns":  # no per-code parameters: nothing to re-seed
+        return nsvq.NSSimVQ(K, D, beta=cfg.beta, usage_horizon=cfg.usage_horizon, **dense)
+    return nsvq.NSVQ(K, D, **dense, **upkeep)
 
 
 class Autoencoder(nn.Module):
@@ -1277,7 +1280,7 @@ def main(cfg):
     torch.manual_seed(cfg.seed)
     trainer = build_trainer(cfg, device, lpips)
     torch.manual_seed(cfg.seed + rank)
-    stages = cfg.quantizer == "nsvq"  # the baselines train in one stage, as published
+    stages = cfg.quantizer in ("nsvq", "simvq-ns")  # the baselines train in one stage, as published
     schedule = nsvq.StageSchedule(cfg.patience if stages else None, cfg.freeze_epoch if stages else None,
                                   cfg.warmup_epochs, cfg.gan_ramp_epochs)
     state = {"epoch": 0, "batch": 0, "step": 0, "unreadable": [], "bad_steps_total": 0}
@@ -1324,7 +1327,7 @@ def main(cfg):
                     unreadable.update((index + j) % len(train_loader.dataset) for j in range(n))
                 x = to_model_range(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format(cfg))
                 gan_w = cfg.gan_weight * schedule.gan_weight(epoch + state["batch"] / steps_per_epoch)
-                refill = stages and schedule.replacement  # the latent pool only serves replacement
+                refill = cfg.quantizer == "nsvq" and schedule.replacement  # the pool only serves replacement
                 replace = refill and state["step"] % cfg.replace_every == 0
                 if replace:  # kept on the device, read at the log line
                     window["dead_before"] = trainer.model.vq.upkeep.dead(cfg.threshold).sum()

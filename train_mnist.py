@@ -3,14 +3,13 @@ train_mnist.py -- the laptop demo: codebook collapse, and what each part of NSVQ
 
     python train_mnist.py                      # NSVQ: stage 1 -> freeze -> warm-up -> stage 2
     python train_mnist.py --quantizer ste      # plain VQ-VAE: watch the codebook collapse
-    python train_mnist.py --compare            # the ablation table: 8 methods, same budget, no GAN
-    python train_mnist.py --stress             # encoder drift: encoder lr x0.1, x1, x3, x10
     python train_mnist.py --data DIR --no-download   # offline, with the IDX files in DIR
 
 Missing MNIST files are downloaded (md5-checked, written atomically) into --data.
 Outputs go to --out (default runs/mnist/<quantizer>): results.json, ckpt.pt and figures.
 A trained checkpoint is a tokenizer: see load_autoencoder() and the README.
 This is the twin of train_imagenet.py: same helpers, same loop phases, without what scale adds.
+The comparisons and the paper's analyses build on it in experiments.py.
 """
 
 import argparse
@@ -36,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import metrics
 import nsvq
 
 
@@ -48,7 +48,7 @@ class Config:
     out: Optional[str] = None            # output folder (default runs/mnist/<quantizer>)
     overwrite: bool = False              # start afresh in an --out that holds an earlier run
     # model
-    quantizer: str = "nsvq"              # nsvq | simvq | ema | ste
+    quantizer: str = "nsvq"              # nsvq | simvq | ema | ste | simvq-ns (SimVQ + the dense loss)
     codebook_size: int = 1024            # K: large enough that plain STE collapses
     dim: int = 16                        # D, the code dimension
     width: int = 64                      # channels of the conv autoencoder
@@ -63,13 +63,15 @@ class Config:
                                          # batch's mean squared distance to the nearest code); equal here
     weighting: str = "softmax"           # softmax (paper) | clamped (authors' earlier code)
     lam: float = 0.01                    # clamp scale for weighting=clamped
-    dense: Optional[bool] = None         # dense loss on in stage 1 (default: on for nsvq)
+    dense: Optional[bool] = None         # dense loss on in stage 1 (default: on for nsvq, simvq-ns)
     replace: Optional[bool] = None       # dead-code replacement in stage 1 (default: on for nsvq)
     replace_from: str = "latents"        # latents (authors' earlier code) | codes (paper)
     threshold: float = 0.01              # dead = usage below threshold / K
     usage_horizon: float = 64.0          # usage memory in expected assignments per code (scale-free)
     replace_every: int = 1               # steps between replacement calls
-    stages: Optional[bool] = None        # stage-wise training (default: on for nsvq)
+    reseed_at: int = 0                   # > 0: at this step every code is re-seeded again from the
+                                         # latents of the then current encoder (ours: a later seeding)
+    stages: Optional[bool] = None        # stage-wise training (default: on for nsvq, simvq-ns)
     patience: int = 10                   # epochs without a new best commitment loss (paper)
     freeze_epoch: Optional[int] = None   # freeze by then at the latest (None: leave the warm-up and,
                                          # with the GAN, one stage-2 epoch; 0: plateau only)
@@ -78,6 +80,8 @@ class Config:
     # losses
     gan: bool = True                     # adversarial loss (--no-gan: reconstruction only)
     gan_weight: float = 0.1              # generator's adversarial weight
+    gan_stage1: bool = False             # the adversarial loss in stage 1 too, from step 0 (the paper
+                                         # trains so; MNIST keeps it out: EXPERIMENTS.md, section 9)
     # optimisation
     epochs: int = 5                      # passes over the training split
     batch_size: int = 128
@@ -89,18 +93,13 @@ class Config:
     device: str = "auto"                 # auto | cpu | cuda | mps
     seed: int = 0
     resume: str = ""                     # '' | auto (<out>/ckpt.pt) | a path
+    init_from: str = ""                  # start from these autoencoder weights (a state_dict file;
+                                         # experiments.py controlled writes one)
     probe_every: int = 100               # steps between probes (drift, churn, utilization, scales)
     quiet: bool = False                  # no progress bars
-    # modes
-    compare: bool = False                # run the ablation table instead of one run
-    compare_epochs: int = 2              # budget of each of the 8 --compare runs
-    paper_ratio: bool = False            # --compare at the paper's codes-per-latent ratio: K = 8,192,
-                                         # batch 64 (0.38 latents per code per step; ImageNet: 0.5)
-    stress: bool = False                 # run the drift stress test instead of one run
-    stress_epochs: int = 1               # budget of each of the --stress runs
 
 
-QUANTIZERS = ("nsvq", "simvq", "ema", "ste")
+QUANTIZERS = ("nsvq", "simvq", "ema", "ste", "simvq-ns")
 
 
 # -----------------------------------------------------------------------------
@@ -215,8 +214,10 @@ def make_quantizer(cfg):
         return nsvq.EMAVectorQuantizer(K, D, decay=cfg.ema_decay, **upkeep)
     if cfg.quantizer == "simvq":
         return nsvq.SimVQ(K, D, beta=cfg.beta, usage_horizon=cfg.usage_horizon)
-    return nsvq.NSVQ(K, D, alpha=cfg.alpha, tau=cfg.tau, tau_mode=cfg.tau_mode,
-                     weighting=cfg.weighting, lam=cfg.lam, **upkeep)
+    dense = dict(alpha=cfg.alpha, tau=cfg.tau, tau_mode=cfg.tau_mode, weighting=cfg.weighting, lam=cfg.lam)
+    if cfg.quantizer == "simvq-ns":
+        return nsvq.NSSimVQ(K, D, beta=cfg.beta, usage_horizon=cfg.usage_horizon, **dense)
+    return nsvq.NSVQ(K, D, **dense, **upkeep)
 
 
 class Autoencoder(nn.Module):
@@ -434,6 +435,7 @@ def probe(model, images, previous):
               "latent_norm": float(zr.norm(dim=1).mean()),
               "code_norm": float(model.vq.codebook.detach().norm(dim=1).mean()),
               "quant_error": float((zr - zqr).norm(dim=1).mean()),
+              "dead": int(model.vq.upkeep.dead().sum()),  # by the usage that replacement reads
               "output_std": float(x_hat.std(0).mean())}
     return record, (z, out.indices)
 
@@ -452,10 +454,10 @@ def log_line(epoch, stage, window, test, record, seconds):
 
 @torch.no_grad()
 def evaluate(model, images, batch_size=500):
-    """Test MSE, mean per-image PSNR and codebook health over a whole split."""
+    """Test MSE, mean per-image PSNR and SSIM (metrics.ssim) and codebook health over a whole split."""
     model.eval()
     K = model.vq.codebook_size
-    counts, se, psnr = torch.zeros(K), 0.0, 0.0
+    counts, se, psnr, ssim = torch.zeros(K), 0.0, 0.0, 0.0
     device = next(model.parameters()).device
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size].to(device)
@@ -463,9 +465,10 @@ def evaluate(model, images, batch_size=500):
         per_image = (x_hat - x).pow(2).flatten(1).mean(1)
         se += float(per_image.sum())
         psnr += float((10 * torch.log10(1.0 / per_image.clamp(min=1e-10))).sum())
+        ssim += float(metrics.ssim(x_hat.float(), x.float()).sum())
         counts += torch.bincount(out.indices.flatten().cpu(), minlength=K)
     model.train()
-    return {"test_mse": se / len(images), "test_psnr": psnr / len(images),
+    return {"test_mse": se / len(images), "test_psnr": psnr / len(images), "test_ssim": ssim / len(images),
             **nsvq.codebook_stats(counts)}, counts
 
 
@@ -530,18 +533,19 @@ def resolve(cfg):
     nsvq.check_choice("--tau-mode", cfg.tau_mode, nsvq.TAU_MODES)
     nsvq.check_choice("--weighting", cfg.weighting, nsvq.WEIGHTINGS)
     nsvq.check_choice("--replace-from", cfg.replace_from, nsvq.REPLACE_FROM)
-    is_nsvq = cfg.quantizer == "nsvq"
-    for field in ("dense", "replace", "stages"):
+    for field in ("dense", "replace", "stages"):  # on for the method, off for the baselines
         if getattr(cfg, field) is None:
-            setattr(cfg, field, is_nsvq)
-    if cfg.paper_ratio and not cfg.compare:
-        raise ValueError("--paper-ratio sets up the --compare runs: pass --compare too")
-    if cfg.quantizer == "simvq" and cfg.replace:
-        raise ValueError("--replace does not apply to simvq (it has no per-code parameters)")
+            setattr(cfg, field, cfg.quantizer == "nsvq" or (cfg.quantizer == "simvq-ns" and field != "replace"))
+    if cfg.reseed_at and not cfg.replace:
+        raise ValueError("--reseed-at re-seeds through replacement: it needs --replace")
+    if cfg.quantizer in ("simvq", "simvq-ns") and cfg.replace:
+        raise ValueError(f"--replace does not apply to {cfg.quantizer} (it has no per-code parameters)")
+    if cfg.init_from and cfg.resume:
+        raise ValueError("--init-from starts a new run from given weights; --resume continues one: pass one")
     for name in ("codebook_size", "dim", "epochs", "batch_size", "replace_every", "patience",
-                 "probe_every", "compare_epochs", "stress_epochs"):
+                 "probe_every"):
         nsvq.check_count("--" + name.replace("_", "-"), getattr(cfg, name), 1)
-    for name in ("warmup_epochs", "gan_ramp_epochs"):
+    for name in ("warmup_epochs", "gan_ramp_epochs", "reseed_at"):
         nsvq.check_count("--" + name.replace("_", "-"), getattr(cfg, name), 0)
     for name in ("beta", "alpha", "gan_weight"):
         nsvq.check_number("--" + name.replace("_", "-"), getattr(cfg, name), low=0)
@@ -614,7 +618,7 @@ def main(cfg):
     schedule = nsvq.StageSchedule(cfg.patience if cfg.stages else None,
                                   cfg.freeze_epoch if cfg.stages else None,
                                   cfg.warmup_epochs, cfg.gan_ramp_epochs)
-    state = {"epoch": 0, "step": 0, "history": [], "train_seconds": 0.0}
+    state = {"epoch": 0, "step": 0, "history": [], "epoch_log": [], "train_seconds": 0.0}
     if cfg.resume:
         path = os.path.join(cfg.out, "ckpt.pt") if cfg.resume == "auto" else cfg.resume
         if not os.path.isfile(path):
@@ -628,8 +632,17 @@ def main(cfg):
             getattr(trainer, name).load_state_dict(ckpt[name])
         schedule.load_state_dict(ckpt["schedule"])
         state = ckpt["state"]
+        state.setdefault("epoch_log", [])  # checkpoints written before it was kept
         torch.set_rng_state(ckpt["rng"])
         print(f"resumed from {path} at epoch {state['epoch']} ({schedule.stage})")
+    elif cfg.init_from:
+        if not os.path.isfile(cfg.init_from):
+            raise FileNotFoundError(f"--init-from {cfg.init_from}: no such file")
+        weights = torch.load(cfg.init_from, map_location=device, weights_only=True)
+        try:
+            trainer.model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise ValueError(f"--init-from {cfg.init_from} does not fit this model: {e}") from None
     make_out(cfg)
 
     # Training loop
@@ -646,9 +659,11 @@ def main(cfg):
         for i in bar:
             x = train_images[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]].to(device)
             x = x.contiguous(memory_format=torch.channels_last)
-            # MNIST keeps the adversarial loss out of stage 1, unlike the paper: from step 0 it swamped
-            # this small model's reconstruction (stage 1 ended at test MSE 0.019, not 0.003; EXPERIMENTS.md).
-            gan_on = cfg.gan and schedule.stage == "stage2"
+            if cfg.reseed_at and state["step"] == cfg.reseed_at:  # the next call re-seeds every code
+                trainer.model.vq.upkeep.seeded.zero_()
+            # MNIST keeps the adversarial loss out of stage 1 unless --gan-stage1: from step 0 it swamped this
+            # small model's reconstruction (stage 1 ended at test MSE 0.019, not 0.003; EXPERIMENTS.md).
+            gan_on = cfg.gan and (schedule.stage == "stage2" or (cfg.gan_stage1 and schedule.stage == "stage1"))
             gan_w = cfg.gan_weight * schedule.gan_weight(epoch + i / steps_per_epoch) if gan_on else 0.0
             losses, out, counts, dead = train_step(cfg, trainer, x, gan_w, schedule.commitment,
                                                    replace and state["step"] % cfg.replace_every == 0)
@@ -669,6 +684,8 @@ def main(cfg):
         test, _ = evaluate(trainer.model, test_images)
         last = state["history"][-1] if state["history"] else {"drift": 0.0, "churn": 0.0}
         means = log_line(epoch, stage, window, test, last, time.time() - t0)
+        state["epoch_log"].append({"epoch": epoch, "stage": stage, **means, "test_mse": test["test_mse"],
+                                **{k: v / window["steps"] for k, v in window["diagnostics"].items()}})
         if schedule.end_epoch(epoch, means.get("commit", 0.0)):
             print(f"stage change: {schedule.stage} from epoch {epoch + 1}")
         state["epoch"] = epoch + 1
@@ -682,7 +699,7 @@ def main(cfg):
     test, counts = evaluate(trainer.model, test_images)
     results = {"quantizer": cfg.quantizer, "codebook_size": cfg.codebook_size, **test,
                "train_seconds": state["train_seconds"], "epochs": cfg.epochs,
-               "stage_start": schedule.stage_start, "history": state["history"],
+               "stage_start": schedule.stage_start, "history": state["history"], "epoch_log": state["epoch_log"],
                "config": dataclasses.asdict(cfg)}
     write_json_atomic(results, os.path.join(cfg.out, "results.json"))
     make_figures(trainer.model, test_images, counts, state["history"], schedule.stage_start, cfg.epochs, cfg.out)
@@ -693,117 +710,8 @@ def main(cfg):
 
 
 # -----------------------------------------------------------------------------
-# Comparison and stress modes
+# Command line
 # -----------------------------------------------------------------------------
-
-VARIANTS = {  # name -> overrides: each method with its customary settings
-    "ste": dict(quantizer="ste", replace=False),
-    "ste+replace": dict(quantizer="ste", replace=True),
-    "ema": dict(quantizer="ema", replace=False),
-    "ema+replace": dict(quantizer="ema", replace=True),
-    "simvq": dict(quantizer="simvq"),
-    "nsvq-loss-only": dict(quantizer="nsvq", replace=False, stages=False),
-    "nsvq-no-stages": dict(quantizer="nsvq", stages=False),
-    "nsvq": dict(quantizer="nsvq"),
-}
-# The stress test adds NSVQ with the first version of the demo model, whose decoder had no
-# normalisation: under a fast encoder it collapsed to the mean image (EXPERIMENTS.md).
-STRESS_VARIANTS = {**VARIANTS, "nsvq-no-decoder-norm": dict(quantizer="nsvq", decoder_norm=False)}
-STRESS_METHODS = ("ste+replace", "ema+replace", "nsvq", "nsvq-no-decoder-norm")
-STRESS_MULTS = (0.1, 1.0, 3.0, 10.0)
-TABLE_KEYS = ("utilization", "perplexity", "test_mse", "test_psnr", "train_seconds")
-
-
-def run_variants(cfg, runs, out, epochs):
-    """Train each (name, overrides) with the same seed, data and budget; return the results."""
-    results = []
-    for name, overrides in runs:
-        print(f"\n=== {name} ===")
-        run_cfg = dataclasses.replace(cfg, compare=False, paper_ratio=False, stress=False, gan=False, resume="",
-                                      overwrite=True, epochs=epochs, quiet=True, out=os.path.join(out, name),
-                                      **overrides)
-        results.append({"name": name, **{k: v for k, v in main(run_cfg).items() if k != "config"}})
-    return results
-
-
-def print_table(results, extra=()):
-    cols = list(extra) + list(TABLE_KEYS)
-    print("\n| name | " + " | ".join(cols) + " |")
-    print("|---" * (len(cols) + 1) + "|")
-    for r in results:
-        cells = [f"{r[c]:.1%}" if c == "utilization" else f"{r[c]:.5f}" if c == "test_mse"
-                 else f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols]
-        print(f"| {r['name']} | " + " | ".join(cells) + " |")
-
-
-# At the paper's ratio of latents to codes (0.5 per code per step at K = 65,536 on 32,768 latents;
-# here K = 8,192 on 64 x 49 = 3,136 latents, 0.38): the MNIST default of NSVQ (absolute tau),
-# the ImageNet one (relative tau), and the baselines that keep their codes alive.
-RATIO = dict(codebook_size=8192, batch_size=64)
-RATIO_VARIANTS = {
-    "ste+replace": dict(quantizer="ste", replace=True),
-    "ema+replace": dict(quantizer="ema", replace=True),
-    "simvq": dict(quantizer="simvq"),
-    "nsvq (absolute tau 0.35)": dict(quantizer="nsvq", tau_mode="absolute", tau=0.35),
-    "nsvq (relative tau 1)": dict(quantizer="nsvq", tau_mode="relative", tau=1.0),
-}
-
-
-def compare_runs(paper_ratio):
-    """(name, overrides) of each --compare run."""
-    if paper_ratio:
-        return [(name, {**RATIO, **overrides}) for name, overrides in RATIO_VARIANTS.items()]
-    return list(VARIANTS.items())
-
-
-def compare(cfg):
-    out = cfg.out or os.path.join("runs", "mnist", "compare-ratio" if cfg.paper_ratio else "compare")
-    results = run_variants(cfg, compare_runs(cfg.paper_ratio), out, cfg.compare_epochs)
-    print_table(results)
-    write_json_atomic([{k: v for k, v in r.items() if k != "history"} for r in results],
-                      os.path.join(out, "compare.json"))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for r in results:
-        steps = [h["step"] for h in r["history"]]
-        axes[0].plot(steps, [h["utilization"] for h in r["history"]], label=r["name"])
-        axes[1].plot(steps, [h["mse"] for h in r["history"]], label=r["name"])
-    axes[0].set(xlabel="step", ylabel="codes used (1,000 test images)", ylim=(0, 1.02), title="codebook utilization")
-    axes[1].set(xlabel="step", ylabel="MSE (the same images)", yscale="log", title="reconstruction")
-    axes[0].legend(fontsize=8)
-    savefig_atomic(fig, os.path.join(out, "compare.png"), dpi=70, bbox_inches="tight")
-    return results
-
-
-def stress(cfg):
-    out = cfg.out or os.path.join("runs", "mnist", "stress")
-    runs = [(f"{m}@x{mult:g}", dict(STRESS_VARIANTS[m], encoder_lr_mult=mult))
-            for m in STRESS_METHODS for mult in STRESS_MULTS]
-    results = run_variants(cfg, runs, out, cfg.stress_epochs)
-    for r in results:
-        r["method"], r["encoder_lr_mult"] = r["name"].split("@x")[0], float(r["name"].split("@x")[1])
-        r["max_drift"] = max((h["drift"] for h in r["history"]), default=0.0)
-        r["mean_churn"] = sum(h["churn"] for h in r["history"]) / max(len(r["history"]), 1)
-    print_table(results, extra=("max_drift", "mean_churn"))
-    write_json_atomic([{k: v for k, v in r.items() if k != "history"} for r in results],
-                      os.path.join(out, "stress.json"))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for m in STRESS_METHODS:
-        rs = [r for r in results if r["method"] == m]
-        axes[0].plot([r["encoder_lr_mult"] for r in rs], [r["utilization"] for r in rs], "o-", label=m)
-        axes[1].plot([r["encoder_lr_mult"] for r in rs], [r["test_mse"] for r in rs], "o-", label=m)
-    axes[0].set(xscale="log", xlabel="encoder lr multiplier", ylabel="test utilization", ylim=(0, 1.02))
-    axes[1].set(xscale="log", yscale="log", xlabel="encoder lr multiplier", ylabel="test MSE")
-    axes[0].legend()
-    fig.tight_layout()
-    savefig_atomic(fig, os.path.join(out, "stress.png"), dpi=70)
-    return results
-
 
 def config_help():
     """{field: help text} from the comments in Config's source: a field's comment, plus the
@@ -855,8 +763,6 @@ def parse_args(argv=None):
 
 def interrupted(cfg):
     """The one line Ctrl-C prints: where the last checkpoint is and how to continue."""
-    if cfg.compare or cfg.stress:
-        return "interrupted; --compare and --stress start their runs afresh each time"
     path = os.path.join(cfg.out or os.path.join("runs", "mnist", cfg.quantizer), "ckpt.pt")
     try:
         epoch = load_checkpoint(path)["state"]["epoch"]
@@ -868,12 +774,7 @@ def interrupted(cfg):
 if __name__ == "__main__":
     cfg = parse_args()
     try:
-        if cfg.compare:
-            compare(cfg)
-        elif cfg.stress:
-            stress(cfg)
-        else:
-            main(cfg)
+        main(cfg)
     except (DataError, ValueError, FileNotFoundError, OutputError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

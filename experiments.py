@@ -1,0 +1,675 @@
+"""
+experiments.py -- the comparisons and the paper's analyses in miniature, one subcommand each.
+
+    python experiments.py compare                # the ablation: 10 methods, same budget, no GAN
+    python experiments.py compare --paper-ratio  # K = 8,192 on batches of 64: the paper's ratio
+    python experiments.py stress                 # Fig. 2: encoder lr x0.1 ... x10, four arms
+    python experiments.py controlled             # Fig. 3: a k-means start, then STE or NSVQ
+    python experiments.py sensitivity            # Fig. 4: alpha x tau, absolute and relative
+    python experiments.py phases                 # Table 3: the stage schedule's phases, with GAN
+    python experiments.py plateau                # the paper's freeze trigger, firing
+    python experiments.py scale-sim              # the paper's scale simulated, no encoder
+
+Every MNIST subcommand trains train_mnist.py's model with its loop and data, changing only what
+it names, prints a table and writes <out>/<subcommand>.json and .png (default --out:
+runs/experiments/<subcommand>). Offline: --data DIR --no-download. --seeds N repeats every run
+with seeds 0 .. N-1 and reports mean and standard deviation. What each measured, with its
+command and the data it ran on, is in EXPERIMENTS.md.
+"""
+
+import argparse
+import dataclasses
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import nsvq
+import train_mnist
+from train_mnist import savefig_atomic, write_json_atomic
+
+# -----------------------------------------------------------------------------
+# Shared: runs with the same seed, data and budget; tables; figures
+# -----------------------------------------------------------------------------
+
+TABLE_KEYS = ("utilization", "perplexity", "test_mse", "test_psnr", "test_ssim", "train_seconds")
+
+
+def run_variants(base, runs, out, epochs, seeds=1):
+    """Train each (name, overrides) for `epochs` with seeds 0 .. seeds-1; a list of results
+    (train_mnist.main's, without the config) with "name" and "seed" added."""
+    results = []
+    for name, overrides in runs:
+        for seed in range(seeds):
+            print(f"\n=== {name}" + (f", seed {seed}" if seeds > 1 else "") + " ===", flush=True)
+            folder = name if seeds == 1 else f"{name}-seed{seed}"
+            cfg = dataclasses.replace(base, epochs=epochs, seed=seed, resume="", overwrite=True, quiet=True,
+                                      out=os.path.join(out, safe_name(folder)), **overrides)
+            r = train_mnist.main(cfg)
+            results.append({"name": name, "seed": seed, **{k: v for k, v in r.items() if k != "config"}})
+    return results
+
+
+def safe_name(name):
+    return "".join(c if c.isalnum() or c in "+-._" else "_" for c in name)
+
+
+def summarize(results, keys=TABLE_KEYS):
+    """One row per name: the mean over seeds of each key, and its standard deviation (key_sd)."""
+    rows = {}
+    for r in results:
+        rows.setdefault(r["name"], []).append(r)
+    summary = []
+    for name, rs in rows.items():
+        row = {"name": name, "seeds": len(rs)}
+        for k in keys:
+            values = [r[k] for r in rs]
+            row[k] = statistics.mean(values)
+            row[k + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary.append(row)
+    return summary
+
+
+def fmt(key, value):
+    if key == "utilization":
+        return f"{value:.1%}"
+    if key == "test_mse":
+        return f"{value:.5f}"
+    if key in ("test_ssim", "kernel_mass"):
+        return f"{value:.4f}"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def print_table(rows, keys=TABLE_KEYS):
+    print("\n| name | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for r in rows:
+        cells = [fmt(k, r[k]) + (f" ± {fmt(k, r[k + '_sd'])}" if r.get("seeds", 1) > 1 and k + "_sd" in r else "")
+                 for k in keys]
+        print(f"| {r['name']} | " + " | ".join(cells) + " |")
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save(results, rows, out, name, fig):
+    """<out>/<name>.json (every run without its curves, and the summary) and <out>/<name>.png."""
+    write_json_atomic({"runs": [{k: v for k, v in r.items() if k not in ("history", "epoch_log")}
+                                for r in results], "summary": rows}, os.path.join(out, name + ".json"))
+    savefig_atomic(fig, os.path.join(out, name + ".png"), dpi=70, bbox_inches="tight")
+    print(f"wrote {os.path.join(out, name)}.json and .png")
+
+
+def curves_by_step(results, keys, titles, ylog=()):
+    """One panel per key: each run's probe history against steps."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    for ax, key, title in zip(axes[0], keys, titles):
+        for r in results:
+            ax.plot([h["step"] for h in r["history"]], [h[key] for h in r["history"]],
+                    label=r["name"] + (f" s{r['seed']}" if r["seed"] else ""))
+        ax.set(xlabel="step", title=title, yscale="log" if key in ylog else "linear")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# -----------------------------------------------------------------------------
+# compare: the ablation, at MNIST's ratio or at the paper's
+# -----------------------------------------------------------------------------
+
+VARIANTS = {  # name -> overrides: each method with its customary settings
+    "ste": dict(quantizer="ste", replace=False),
+    "ste+replace": dict(quantizer="ste", replace=True),
+    "ema": dict(quantizer="ema", replace=False),
+    "ema+replace": dict(quantizer="ema", replace=True),
+    "simvq": dict(quantizer="simvq"),
+    "simvq-ns": dict(quantizer="simvq-ns"),  # SimVQ + the dense loss and the stages
+    "nsvq-loss-only": dict(quantizer="nsvq", replace=False, stages=False),
+    "nsvq-no-stages": dict(quantizer="nsvq", stages=False),
+    "nsvq-replace-from-codes": dict(quantizer="nsvq", replace_from="codes"),
+    "nsvq": dict(quantizer="nsvq"),
+}
+# The paper's ratio of latents to codes: 0.5 per code per step (K = 65,536 on 32,768 latents);
+# here K = 8,192 on 64 x 49 = 3,136 latents, 0.38. Every method that replaces does so every 10
+# steps, as train_imagenet.py does; NSVQ once more with the MNIST defaults (every step).
+RATIO = dict(codebook_size=8192, batch_size=64)
+RATIO_VARIANTS = {
+    "ste+replace": dict(quantizer="ste", replace=True, replace_every=10),
+    "ema+replace": dict(quantizer="ema", replace=True, replace_every=10),
+    "simvq": dict(quantizer="simvq"),
+    "nsvq, MNIST defaults (absolute tau 0.35, every step)": dict(quantizer="nsvq"),
+    "nsvq, train_imagenet defaults (relative tau 1, every 10 steps)": dict(
+        quantizer="nsvq", tau_mode="relative", tau=1.0, replace_every=10),
+}
+
+
+def compare_runs(paper_ratio):
+    """(name, overrides) of each compare run."""
+    if paper_ratio:
+        return [(name, {**RATIO, **overrides}) for name, overrides in RATIO_VARIANTS.items()]
+    return list(VARIANTS.items())
+
+
+def compare(base, args):
+    results = run_variants(base, compare_runs(args.paper_ratio), args.out, args.epochs, args.seeds)
+    rows = summarize(results)
+    print_table(rows)
+    fig = curves_by_step(results, ("utilization", "mse"), ("codes used (1,000 test images)",
+                                                           "MSE (the same images)"), ylog=("mse",))
+    save(results, rows, args.out, "compare", fig)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# stress: the paper's Fig. 2, encoder drift made faster or slower
+# -----------------------------------------------------------------------------
+
+# The paper's arms: plain VQ, each of NSVQ's two codebook parts alone, and both. All in one stage,
+# so that the arms differ only in those parts.
+STRESS_ARMS = {
+    "plain VQ (STE)": dict(quantizer="ste", replace=False),
+    "dense loss only": dict(quantizer="nsvq", replace=False, stages=False),
+    "replacement only": dict(quantizer="ste", replace=True),
+    "NSVQ (both)": dict(quantizer="nsvq", stages=False),
+}
+STRESS_MULTS = (0.1, 1.0, 3.0, 10.0)
+
+
+def stress(base, args):
+    runs = [(f"{arm} @x{mult:g}", dict(o, encoder_lr_mult=mult)) for arm, o in STRESS_ARMS.items()
+            for mult in STRESS_MULTS]
+    results = run_variants(base, runs, args.out, args.epochs, args.seeds)
+    for r in results:
+        probes = r["history"][1:]  # the first probe's drift is from the initial encoder
+        r["drift"] = statistics.mean(h["drift"] for h in probes) if probes else 0.0
+        r["churn"] = statistics.mean(h["churn"] for h in probes) if probes else 0.0
+    keys = ("utilization", "test_mse", "drift", "churn")
+    rows = summarize(results, keys)
+    print_table(rows, keys)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.4))
+    for arm in STRESS_ARMS:
+        arm_rows = [r for r in rows if r["name"].startswith(arm + " @")]
+        mults = [float(r["name"].split("@x")[1]) for r in arm_rows]
+        for ax, key in zip(axes, keys):
+            ax.errorbar(mults, [r[key] for r in arm_rows], [r[key + "_sd"] for r in arm_rows],
+                        marker="o", capsize=3, label=arm)
+    titles = ("codes used (test)", "test MSE", "encoder drift (RMS per 100 steps)", "assignment churn")
+    for ax, title in zip(axes, titles):
+        ax.set(xscale="log", xlabel="encoder learning rate multiplier", title=title)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    save(results, rows, args.out, "stress", fig)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# controlled: the paper's Fig. 3, drift and collapse from a k-means codebook
+# -----------------------------------------------------------------------------
+
+def kmeans(z, K, iters=25, seed=0):
+    """Lloyd's k-means on z (N, D), started by k-means++ (each new centre drawn with probability
+    proportional to the squared distance to the nearest centre so far); an empty cluster
+    restarts at a random latent. Returns centroids (K, D) and each one's share of the latents (K,)."""
+    g = torch.Generator().manual_seed(seed)
+    centroids = z.new_empty(K, z.shape[1])
+    centroids[0] = z[torch.randint(len(z), (1,), generator=g)]
+    nearest = (z - centroids[0]).pow(2).sum(1)  # (N,) squared distance to the nearest centre
+    for k in range(1, K):
+        centroids[k] = z[torch.multinomial(nearest + 1e-12, 1, generator=g)]
+        nearest = torch.minimum(nearest, (z - centroids[k]).pow(2).sum(1))
+    for _ in range(iters):
+        indices = nsvq.nearest_code(z, centroids)
+        counts = torch.bincount(indices, minlength=K).to(z.dtype)
+        sums = torch.zeros_like(centroids).index_add_(0, indices, z)
+        restart = z[torch.randint(len(z), (K,), generator=g)]
+        centroids = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], restart)
+    counts = torch.bincount(nsvq.nearest_code(z, centroids), minlength=K).to(z.dtype)
+    return centroids, counts / len(z)
+
+
+def pretrain_continuous(cfg, train_images, test_images, max_epochs):
+    """Train encoder and decoder without the quantizer until the test MSE improves by less than
+    1% over 3 epochs (or max_epochs); returns the model and the test MSE per epoch."""
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    model = train_mnist.Autoencoder(cfg).to(device, memory_format=torch.channels_last)
+    params = list(model.encoder.parameters()) + list(model.decoder.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    steps = len(train_images) // cfg.batch_size
+    curve = []
+    for epoch in range(max_epochs):
+        order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        for i in range(steps):
+            x = train_images[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]].to(device)
+            loss = F.mse_loss(model.decoder(model.encoder(x)), x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            x = test_images.to(device)
+            curve.append(float(F.mse_loss(model.decoder(model.encoder(x)), x)))
+        print(f"continuous autoencoder, epoch {epoch}: test mse {curve[-1]:.5f}", flush=True)
+        if len(curve) > 3 and curve[-1] > 0.99 * curve[-4]:
+            break
+    return model, curve
+
+
+@torch.no_grad()
+def kmeans_start(model, train_images, K, seed):
+    """The pretrained model with its codebook set to k-means centroids of its training latents:
+    every code counts as seeded, with its k-means share as usage."""
+    device = next(model.parameters()).device
+    z = torch.cat([nsvq.flatten_latents(model.encoder(x.to(device)), model.vq.dim).cpu()
+                   for x in train_images.split(1000)])  # (N, D)
+    centroids, shares = kmeans(z, K, seed=seed)
+    model.vq.embedding.copy_(centroids)
+    model.vq.upkeep.seeded.fill_(True)
+    model.vq.upkeep.usage.copy_(shares)
+    error = float(nsvq.mean_quantization_error(z, centroids, nsvq.nearest_code(z, centroids)))
+    return {"kmeans_error": error, "kmeans_used": float((shares > 0).float().mean())}
+
+
+def pearson(a, b):
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    a, b = a - a.mean(), b - b.mean()
+    denominator = float(a.norm() * b.norm())
+    return float(a @ b) / denominator if denominator > 0 else float("nan")
+
+
+CONTROLLED_ARMS = {
+    "plain VQ (STE)": dict(quantizer="ste", replace=False, stages=False),
+    "NSVQ (stage 1)": dict(quantizer="nsvq", stages=False),
+}
+
+
+def controlled(base, args):
+    cfg = train_mnist.resolve(dataclasses.replace(base, quantizer="ste", replace=False, stages=False))
+    train_images, test_images = train_mnist.load_split(cfg, "train"), train_mnist.load_split(cfg, "test")
+    os.makedirs(args.out, exist_ok=True)
+    model, curve = pretrain_continuous(cfg, train_images, test_images, args.pretrain_epochs)
+    start = kmeans_start(model, train_images, cfg.codebook_size, cfg.seed)
+    init = os.path.join(args.out, "kmeans_start.pt")
+    train_mnist.save_atomic(model.state_dict(), init)
+    print(f"k-means start: {start['kmeans_used']:.1%} of the codes hold latents, mean squared "
+          f"quantization error {start['kmeans_error']:.4f}")
+    runs = [(name, dict(o, init_from=init, probe_every=args.probe_every)) for name, o in CONTROLLED_ARMS.items()]
+    results = run_variants(base, runs, args.out, args.epochs, args.seeds)
+    for r in results:
+        h = r["history"][1:]  # from the second probe: the first has no previous one
+        drift, churn, dead = [p["drift"] for p in h], [p["churn"] for p in h], [p["dead"] for p in h]
+        r["corr_drift_churn"] = pearson(drift, churn)
+        r["corr_drift_new_dead"] = pearson(drift[1:], [b - a for a, b in zip(dead, dead[1:])])
+        r["corr_churn_quant_error"] = pearson(churn, [p["quant_error"] for p in h])
+        r["final_dead"] = h[-1]["dead"] if h else 0
+        r.update(start, continuous_test_mse=curve[-1], pretrain_epochs=len(curve))
+    keys = ("utilization", "test_mse", "final_dead", "corr_drift_churn", "corr_drift_new_dead",
+            "corr_churn_quant_error")
+    rows = summarize(results, keys)
+    print_table(rows, keys)
+    fig = curves_by_step(results, ("drift", "churn", "dead", "utilization", "quant_error"),
+                         ("encoder drift (RMS)", "assignment churn", "dead codes (usage)",
+                          "codes used (probe)", "quantization error |z - z_q|"))
+    save(results, rows, args.out, "controlled", fig)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# sensitivity: the paper's Fig. 4, alpha x tau
+# -----------------------------------------------------------------------------
+
+ALPHAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
+TAUS = {"absolute": (0.035, 0.35, 3.5), "relative": (0.1, 1.0, 10.0)}  # a decade either side of the defaults
+
+
+def sensitivity(base, args):
+    runs = [("alpha 0", dict(quantizer="nsvq", stages=False, alpha=0.0))]  # no dense loss: tau plays no part
+    runs += [(f"{mode} tau {tau:g}, alpha {alpha:g}", dict(quantizer="nsvq", stages=False, alpha=alpha,
+                                                         tau=tau, tau_mode=mode))
+             for mode, taus in TAUS.items() for tau in taus for alpha in ALPHAS if alpha > 0]
+    results = run_variants(base, runs, args.out, args.epochs, args.seeds)
+    for r in results:
+        last = r["epoch_log"][-1]
+        r["kernel_mass"] = last.get("kernel_mass", 0.0)
+    keys = ("utilization", "test_mse", "kernel_mass")
+    rows = summarize(results, keys)
+    print_table(rows, keys)
+    by_name = {r["name"]: r for r in rows}
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(14, 6.5))
+    for i, (mode, taus) in enumerate(TAUS.items()):
+        for j, key in enumerate(keys):
+            grid = [[by_name["alpha 0" if a == 0 else f"{mode} tau {t:g}, alpha {a:g}"][key] for a in ALPHAS]
+                    for t in taus]
+            ax = axes[i, j]
+            ax.imshow(grid, aspect="auto", cmap="viridis_r" if key == "test_mse" else "viridis")
+            for ti, row in enumerate(grid):
+                for ai, value in enumerate(row):
+                    ax.text(ai, ti, fmt(key, value), ha="center", va="center", fontsize=7, color="w")
+            ax.set_xticks(range(len(ALPHAS)), [f"{a:g}" for a in ALPHAS])
+            ax.set_yticks(range(len(taus)), [f"{t:g}" for t in taus])
+            ax.set(xlabel="alpha", ylabel=f"{mode} tau", title=f"{key} ({mode} tau)")
+    fig.tight_layout()
+    save(results, rows, args.out, "sensitivity", fig)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# phases: the paper's Table 3, the stage schedule with the adversarial loss
+# -----------------------------------------------------------------------------
+
+def phase_arms(epochs):
+    """Same budget for every arm; the staged ones freeze after 60% of it."""
+    freeze = max(1, round(0.6 * epochs))
+    return {
+        "stage 1 only, GAN from step 0": dict(stages=False, gan_stage1=True),
+        "freeze, no warm-up, stage 2": dict(freeze_epoch=freeze, warmup_epochs=0),
+        "full: freeze, warm-up, stage 2": dict(freeze_epoch=freeze),
+        "full, GAN from step 0 of stage 1 (the paper)": dict(freeze_epoch=freeze, gan_stage1=True),
+        "full, no GAN at all": dict(freeze_epoch=freeze, gan=False),
+    }
+
+
+def phases(base, args):
+    runs = [(name, dict(o, quantizer="nsvq", gan=o.get("gan", True))) for name, o in phase_arms(args.epochs).items()]
+    results = run_variants(base, runs, args.out, args.epochs, args.seeds)
+    keys = ("test_psnr", "test_ssim", "test_mse", "utilization")
+    rows = summarize(results, keys)
+    print_table(rows, keys)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    for r in results:
+        t = [e["epoch"] + 1 for e in r["epoch_log"]]
+        axes[0].plot(t, [e["test_mse"] for e in r["epoch_log"]], label=r["name"])
+        axes[1].plot([h["step"] for h in r["history"]], [h["utilization"] for h in r["history"]], label=r["name"])
+    axes[0].set(xlabel="epoch", ylabel="test MSE", yscale="log", title="reconstruction (test split)")
+    axes[1].set(xlabel="step", ylabel="codes used (probe)", title="utilization")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    save(results, rows, args.out, "phases", fig)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# plateau: the paper's freeze trigger (no new best commitment loss for `patience` epochs)
+# -----------------------------------------------------------------------------
+
+def plateau(base, args):
+    run = dict(quantizer="nsvq", freeze_epoch=0, patience=args.patience, gan=True)  # 0: the plateau only
+    results = run_variants(base, [(f"nsvq, patience {args.patience}", run)], args.out, args.epochs, args.seeds)
+    rows = []
+    for r in results:
+        frozen = r["stage_start"].get("warmup")
+        r["freeze_epoch"] = frozen if frozen is not None else float("nan")
+        r["freeze_fraction"] = frozen / args.epochs if frozen is not None else float("nan")
+        commit = [e["commit"] for e in r["epoch_log"] if e["stage"] == "stage1"]
+        r["best_epoch"] = commit.index(min(commit)) if commit else -1
+        print(f"seed {r['seed']}: " + (f"froze after epoch {frozen - 1} of {args.epochs} ({frozen / args.epochs:.0%} "
+              f"of the budget), best commitment loss at epoch {r['best_epoch']}" if frozen is not None
+              else f"the trigger never fired in {args.epochs} epochs"))
+        rows.append({"name": r["name"], "seed": r["seed"], **{k: r[k] for k in
+                     ("freeze_epoch", "freeze_fraction", "best_epoch", "test_mse", "test_psnr", "utilization")}})
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for r in results:
+        log = [e for e in r["epoch_log"] if e["stage"] == "stage1"]
+        ax.plot([e["epoch"] for e in log], [e["commit"] for e in log], marker=".", label=f"seed {r['seed']}")
+        if r["stage_start"].get("warmup") is not None:
+            ax.axvline(r["stage_start"]["warmup"] - 0.5, color="k", ls="--", lw=1)
+    ax.set(xlabel="epoch", ylabel="epoch-mean commitment loss", yscale="log",
+           title=f"stage 1; dashed: the freeze (patience {args.patience})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(results, rows, args.out, "plateau", fig)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# scale-sim: the paper's scale on a CPU, 0.5 latents per code per step, latents that drift
+# -----------------------------------------------------------------------------
+
+class DriftingMixture:
+    """A stand-in for an encoder whose output keeps moving: `modes` Gaussian blobs (std 0.5 per
+    dimension, centres N(0, 4 I)) whose centres travel along their own random directions while
+    the whole cloud grows. At speed 1 a centre moves one blob radius (0.5 sqrt(D)) every 2,000
+    steps, a quarter of what an Adam step of lr 1e-3 can move a code (1e-3 sqrt(D)), and the
+    cloud grows by 10% over `steps`; `speed` multiplies both (the paper's Fig. 2 multiplies the
+    encoder's learning rate by 0.1 ... 10): at 10 a code moved by its gradient cannot keep up."""
+
+    def __init__(self, modes, dim, steps, speed, generator):
+        self.centres = 2.0 * torch.randn(modes, dim, generator=generator)
+        directions = torch.randn(modes, dim, generator=generator)
+        self.velocity = directions / directions.norm(dim=1, keepdim=True) * speed * 0.5 * dim ** 0.5 / 2000
+        self.growth = 0.1 * speed / steps
+        self.generator = generator
+
+    def sample(self, n, step):
+        pick = torch.randint(len(self.centres), (n,), generator=self.generator)
+        centres = self.centres + step * self.velocity  # (modes, D)
+        z = centres[pick] + 0.5 * torch.randn(n, self.centres.shape[1], generator=self.generator)
+        return z * (1.0 + self.growth * step)  # (n, D)
+
+
+SIM_METHODS = ("ste+replace", "ema+replace", "simvq", "nsvq-no-replace", "nsvq")
+EXTRA_SIM_METHODS = ("nsvq-absolute-tau", "nsvq-replace-from-codes", "ste+replace-from-codes")
+
+
+def make_sim_quantizer(method, K, D, args):
+    """(quantizer, replaces during training) for a method name of the simulation."""
+    if method.startswith("ste+replace"):
+        return nsvq.VectorQuantizer(K, D, replace_from="codes" if "codes" in method else "latents"), True
+    if method == "ema+replace":
+        return nsvq.EMAVectorQuantizer(K, D, decay=args.ema_decay), True
+    if method == "simvq":
+        return nsvq.SimVQ(K, D), False
+    if method == "nsvq-absolute-tau":
+        return nsvq.NSVQ(K, D, tau=args.absolute_tau), True
+    source = "codes" if method == "nsvq-replace-from-codes" else "latents"
+    relative = nsvq.NSVQ(K, D, tau=args.relative_tau, tau_mode="relative", replace_from=source)
+    return relative, method != "nsvq-no-replace"
+
+
+def simulate(method, speed, args, seed=0):
+    """Train one codebook on the drifting mixture; return its curves (every 20 steps) and totals.
+
+    Every method starts from the same data: replacement runs until every code has been seeded
+    from latents (SimVQ has no per-code parameters and starts from its own initialisation; a
+    codebook re-seeded from codes is seeded from latents first, so that it starts where the
+    others do); then runs every --sim-replace-every steps for the methods that replace. Curves:
+    utilization and perplexity of the codes used in the last 20 steps (10 expected assignments
+    per code), quantization error relative to the latents' variance, kernel mass, duplicates.
+    """
+    K, N, D, steps = args.sim_codes, args.sim_codes // 2, args.sim_dim, args.sim_steps
+    torch.manual_seed(seed)
+    data = DriftingMixture(K // 32, D, steps, speed, torch.Generator().manual_seed(seed))
+    vq, replaces = make_sim_quantizer(method, K, D, args)
+    if vq.upkeep.replace_from == "codes":  # seed from data first, like every other method
+        vq.upkeep.seeded.fill_(False)
+        vq.upkeep.replace_from = "latents"
+    params = list(vq.parameters())
+    opt = torch.optim.Adam(params, lr=args.sim_lr) if params else None
+    curves, window, previous = [], torch.zeros(K), torch.zeros(K)
+    sums = {"error": 0.0, "mass": 0.0}
+    reseeded = live_reseeded = 0
+    for step in range(steps):
+        z = data.sample(N, step)  # (N, D)
+        out = vq(z)
+        if opt:
+            opt.zero_grad(set_to_none=True)
+            sum(out.losses.values()).backward()
+            opt.step()
+        counts = vq.update_(z, out.indices)
+        window += counts
+        seeding = method != "simvq" and not bool(vq.upkeep.seeded.all())
+        if seeding or (replaces and step % args.sim_replace_every == 0):
+            dead = vq.replace_dead_codes_()
+            if opt:
+                nsvq.reset_adam_state_(opt, vq.embedding, dead)
+            if not seeding:  # "live": chosen in the last 20 to 40 steps
+                reseeded += len(dead)
+                live_reseeded += int(((window + previous)[dead] > 0).sum())
+            elif bool(vq.upkeep.seeded.all()) and "codes" in method:
+                vq.upkeep.replace_from = "codes"  # seeded: from now on, as the method says
+        error = nsvq.mean_quantization_error(z, vq.codebook.detach(), out.indices)
+        sums["error"] += float(error / z.var(0).sum())
+        sums["mass"] += float(out.diagnostics.get("kernel_mass", float("nan")))
+        if (step + 1) % 20 == 0:
+            health = nsvq.codebook_stats(window)
+            curves.append({"step": step + 1, "utilization": health["utilization"],
+                           "perplexity": health["perplexity"], "rel_error": sums["error"] / 20,
+                           "kernel_mass": sums["mass"] / 20,
+                           "duplicates": nsvq.duplicate_codes(vq.codebook.detach())})
+            window, previous = torch.zeros(K), window
+            sums = {"error": 0.0, "mass": 0.0}
+    last = curves[len(curves) // 2:]  # the second half of the run
+    return {"method": method, "speed": speed, "curves": curves,
+            "utilization": curves[-1]["utilization"], "perplexity": curves[-1]["perplexity"],
+            "rel_error": statistics.mean(c["rel_error"] for c in last),
+            "kernel_mass": statistics.mean(c["kernel_mass"] for c in curves),
+            "reseeded": reseeded, "live_reseeded": live_reseeded,
+            "duplicates": max(c["duplicates"] for c in curves)}
+
+
+def scale_sim(args):
+    t0 = time.time()
+    K = args.sim_codes
+    print(f"K = {K} codes, {K // 2} latents per step (0.5 per code), D = {args.sim_dim}, "
+          f"{K // 32} drifting modes, {args.sim_steps} steps, Adam lr {args.sim_lr}, replacement "
+          f"every {args.sim_replace_every} steps; relative tau {args.relative_tau}, absolute tau "
+          f"{args.absolute_tau}, EMA decay {args.ema_decay}")
+    results = []
+    for speed in args.sim_speeds:
+        for method in args.sim_methods:
+            r = simulate(method, speed, args)
+            results.append(r)
+            print(f"x{speed:<4g} {method:24s} util {r['utilization']:6.1%} ppl {r['perplexity']:6.0f} "
+                  f"rel.error {r['rel_error']:.4f} re-seeded {r['reseeded']:5d} (live {r['live_reseeded']:4d}) "
+                  f"duplicates {r['duplicates']} mass {r['kernel_mass']:.2f}  [{time.time() - t0:.0f}s]",
+                  flush=True)
+    print("\n| method | drift | utilization | perplexity | quant. error / var | re-seeded (live) | duplicates | kernel mass |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        mass = "—" if math.isnan(r["kernel_mass"]) else f"{r['kernel_mass']:.2f}"
+        print(f"| {r['method']} | x{r['speed']:g} | {r['utilization']:.1%} | {r['perplexity']:.0f} | "
+              f"{r['rel_error']:.4f} | {r['reseeded']} ({r['live_reseeded']}) | {r['duplicates']} | {mass} |")
+    print(f"\n{time.time() - t0:.0f} s")
+    plt = pyplot()
+    speeds = list(dict.fromkeys(r["speed"] for r in results))
+    fig, axes = plt.subplots(2, len(speeds), figsize=(4 * len(speeds), 6), squeeze=False)
+    for col, speed in enumerate(speeds):
+        for r in (r for r in results if r["speed"] == speed):
+            steps = [c["step"] for c in r["curves"]]
+            axes[0, col].plot(steps, [c["utilization"] for c in r["curves"]], label=r["method"])
+            axes[1, col].plot(steps, [c["rel_error"] for c in r["curves"]], label=r["method"])
+        axes[0, col].set(title=f"drift x{speed:g}", ylim=(0, 1.02), ylabel="codes used (last 20 steps)")
+        axes[1, col].set(xlabel="step", yscale="log", ylabel="quant. error / latent variance")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(args.out, exist_ok=True)
+    write_json_atomic(results, os.path.join(args.out, "scale-sim.json"))
+    savefig_atomic(fig, os.path.join(args.out, "scale-sim.png"), dpi=55)
+    print(f"wrote {os.path.join(args.out, 'scale-sim')}.json and .png")
+    return results
+
+
+# -----------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------
+
+SUBCOMMANDS = {  # name -> (function, default epochs per run, one line of help)
+    "compare": (compare, 12, "the ablation table, same seed, data and budget, no GAN"),
+    "stress": (stress, 8, "encoder lr x0.1, x1, x3, x10 for plain VQ, each part alone and NSVQ"),
+    "controlled": (controlled, 8, "continuous autoencoder -> k-means codebook -> STE or NSVQ"),
+    "sensitivity": (sensitivity, 4, "alpha x tau grid, absolute and relative tau"),
+    "phases": (phases, 10, "the stage schedule's phases with the adversarial loss"),
+    "plateau": (plateau, 60, "NSVQ frozen by the plateau trigger only"),
+    "scale-sim": (scale_sim, None, "K = 4,096 codes on 2,048 drifting latents per step, no encoder"),
+}
+
+
+def positive(kind):
+    def parse(text):
+        value = kind(text)
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+        return value
+    return parse
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    for name, (_, epochs, help) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--out", default=os.path.join("runs", "experiments", name), help="output folder")
+        if name == "scale-sim":
+            p.add_argument("--sim-codes", type=positive(int), default=4096, help="K; K/2 latents per step")
+            p.add_argument("--sim-dim", type=positive(int), default=32, help="D")
+            p.add_argument("--sim-steps", type=positive(int), default=1200)
+            p.add_argument("--sim-speeds", type=positive(float), nargs="+", default=[0.1, 1.0, 3.0, 10.0])
+            p.add_argument("--sim-methods", nargs="+", default=list(SIM_METHODS),
+                           choices=SIM_METHODS + EXTRA_SIM_METHODS)
+            p.add_argument("--sim-lr", type=positive(float), default=1e-3, help="Adam lr of the codebooks")
+            p.add_argument("--sim-replace-every", type=positive(int), default=10)
+            p.add_argument("--relative-tau", type=positive(float), default=1.0)
+            p.add_argument("--absolute-tau", type=positive(float), default=0.35)
+            p.add_argument("--ema-decay", type=float, default=0.99,
+                           help="(0.8 breaks at 0.5 latents per code per step: EXPERIMENTS.md)")
+            continue
+        p.add_argument("--data", default="./data/mnist", help="folder of the MNIST IDX files")
+        p.add_argument("--no-download", dest="download", action="store_false", help="never touch the network")
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+        p.add_argument("--epochs", type=positive(int), default=epochs, help=f"budget of each run (default {epochs})")
+        p.add_argument("--seeds", type=positive(int), default=1, help="seeds 0 .. N-1 for every run")
+        if name == "compare":
+            p.add_argument("--paper-ratio", action="store_true",
+                           help="K = 8,192 on batches of 64: 0.38 latents per code per step (the paper: 0.5)")
+        if name == "controlled":
+            p.add_argument("--pretrain-epochs", type=positive(int), default=30,
+                           help="at most this many epochs of the continuous autoencoder")
+            p.add_argument("--probe-every", type=positive(int), default=10, help="steps between probes")
+        if name == "plateau":
+            p.add_argument("--patience", type=positive(int), default=10, help="epochs without a new best")
+    args = parser.parse_args(argv)
+    if args.command == "scale-sim":
+        if args.sim_codes < 64 or args.sim_steps < 20:
+            parser.error("--sim-codes must be >= 64 and --sim-steps >= 20")
+        if not 0 <= args.ema_decay < 1:
+            parser.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
+    return args
+
+
+def base_config(args):
+    """train_mnist's Config for these runs: no GAN unless a subcommand asks for it, checked."""
+    base = train_mnist.Config(data=args.data, download=args.download, device=args.device, gan=False)
+    train_mnist.resolve(base)  # a bad --device or data folder stops here, before any run
+    return base
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    train_mnist.check_out(train_mnist.Config(out=args.out, overwrite=True))
+    if args.command == "scale-sim":
+        return scale_sim(args)
+    function = SUBCOMMANDS[args.command][0]
+    return function(base_config(args), args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (train_mnist.DataError, ValueError, FileNotFoundError, train_mnist.OutputError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted; experiments start their runs afresh each time", file=sys.stderr)
+        sys.exit(130)
