@@ -354,7 +354,10 @@ class CodebookUpkeep(nn.Module):
     With replace_from="latents" a code that has never been seeded from data (the initial
     codebook) is replaced whatever its usage, so the first calls initialise the whole codebook
     from encoder outputs. A re-seeded code restarts at u = 1/K and has to lose that share to
-    die again.
+    die again. Warning (measured, EXPERIMENTS.md section 12): called every step, those first
+    calls seed the whole codebook from the latents of an encoder that has taken at most three
+    steps, and at the paper's ratio that cost 20% in test MSE for good; every 10 steps (a
+    quarter at step 0, the rest at step 10) or one more seeding of every code at step ~10 avoids it.
 
     New codes come from a pool of recent encoder outputs (replace_from="latents", the authors'
     earlier code), or from live codes chosen in proportion to usage plus Gaussian noise of
