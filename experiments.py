@@ -588,7 +588,7 @@ def scale_sim(args):
 
 SUBCOMMANDS = {  # name -> (function, default epochs per run, one line of help)
     "compare": (compare, 12, "the ablation table, same seed, data and budget, no GAN"),
-    "stress": (stress, 8, "encoder lr x0.1, x1, x3, x10 for plain VQ, each part alone and NSVQ"),
+    "stress": (stress, 6, "encoder lr x0.1, x1, x3, x10 for plain VQ, each part alone and NSVQ"),
     "controlled": (controlled, 8, "continuous autoencoder -> k-means codebook -> STE or NSVQ"),
     "sensitivity": (sensitivity, 4, "alpha x tau grid, absolute and relative tau"),
     "phases": (phases, 10, "the stage schedule's phases with the adversarial loss"),
