@@ -1679,5 +1679,6 @@ def test_experiments_scale_sim_runs_every_method_and_checks_its_options(tmp_path
         with pytest.raises(SystemExit) as exit_:
             experiments.parse_args(argv)
         assert exit_.value.code == 2 and error in capsys.readouterr().err
+    assert [experiments.parse_args(a).epochs for a in (["compare"], ["compare", "--paper-ratio"], ["stress"])] == [12, 8, 6]
     with pytest.raises(train_mnist.DataError, match="--no-download"):
         experiments.main(["compare", "--data", str(tmp_path / "nothing"), "--no-download", "--out", str(tmp_path / "c")])
