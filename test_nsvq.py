@@ -778,6 +778,9 @@ def test_mnist_init_from_starts_from_the_given_weights_and_refuses_a_model_they_
     torch.testing.assert_close(trained.vq.embedding, model.vq.embedding, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="does not fit"):
         train_mnist.main(dataclasses.replace(run, width=32, overwrite=True))
+    (tmp_path / "notes.txt").write_text("not weights")
+    with pytest.raises(ValueError, match="not a readable state_dict"):
+        train_mnist.main(dataclasses.replace(run, init_from=str(tmp_path / "notes.txt"), overwrite=True))
     with pytest.raises(ValueError, match="pass one"):
         train_mnist.resolve(dataclasses.replace(run, resume="auto"))
 

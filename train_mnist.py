@@ -638,7 +638,10 @@ def main(cfg):
     elif cfg.init_from:
         if not os.path.isfile(cfg.init_from):
             raise FileNotFoundError(f"--init-from {cfg.init_from}: no such file")
-        weights = torch.load(cfg.init_from, map_location=device, weights_only=True)
+        try:
+            weights = torch.load(cfg.init_from, map_location=device, weights_only=True)
+        except Exception as e:  # not a torch file, truncated, or not plain tensors
+            raise ValueError(f"--init-from {cfg.init_from} is not a readable state_dict file ({e})") from None
         try:
             trainer.model.load_state_dict(weights)
         except RuntimeError as e:
