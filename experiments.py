@@ -13,14 +13,16 @@ experiments.py -- the comparisons and the paper's analyses in miniature, one sub
 Every MNIST subcommand trains train_mnist.py's model with its loop and data, changing only what
 it names, prints a table and writes <out>/<subcommand>.json and .png (default --out:
 runs/experiments/<subcommand>). Offline: --data DIR --no-download. --seeds N repeats every run
-with seeds 0 .. N-1 and reports mean and standard deviation. What each measured, with its
-command and the data it ran on, is in EXPERIMENTS.md.
+with seeds 0 .. N-1 and reports mean and standard deviation; --only REGEX keeps the runs whose
+name matches (e.g. two arms of stress at x1 and x10: --only "^(replacement only|NSVQ).*@x10?$").
+What each measured, with its command and the data it ran on, is in EXPERIMENTS.md.
 """
 
 import argparse
 import dataclasses
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -39,16 +41,21 @@ from train_mnist import savefig_atomic, write_json_atomic
 TABLE_KEYS = ("utilization", "perplexity", "test_mse", "test_psnr", "test_ssim", "train_seconds")
 
 
-def run_variants(base, runs, out, epochs, seeds=1):
-    """Train each (name, overrides) for `epochs` with seeds 0 .. seeds-1; a list of results
-    (train_mnist.main's, without the config) with "name" and "seed" added."""
+def run_variants(base, runs, args):
+    """Train each (name, overrides) whose name matches --only, for --epochs, with seeds
+    0 .. --seeds - 1; a list of results (train_mnist.main's, without the config) with "name"
+    and "seed" added."""
+    if args.only:
+        runs = [(name, o) for name, o in runs if re.search(args.only, name)]
+        if not runs:
+            raise ValueError(f"--only {args.only!r} matches none of this subcommand's runs")
     results = []
     for name, overrides in runs:
-        for seed in range(seeds):
-            print(f"\n=== {name}" + (f", seed {seed}" if seeds > 1 else "") + " ===", flush=True)
-            folder = name if seeds == 1 else f"{name}-seed{seed}"
-            cfg = dataclasses.replace(base, epochs=epochs, seed=seed, resume="", overwrite=True, quiet=True,
-                                      out=os.path.join(out, safe_name(folder)), **overrides)
+        for seed in range(args.seeds):
+            print(f"\n=== {name}" + (f", seed {seed}" if args.seeds > 1 else "") + " ===", flush=True)
+            folder = name if args.seeds == 1 else f"{name}-seed{seed}"
+            cfg = dataclasses.replace(base, epochs=args.epochs, seed=seed, resume="", overwrite=True, quiet=True,
+                                      out=os.path.join(args.out, safe_name(folder)), **overrides)
             r = train_mnist.main(cfg)
             results.append({"name": name, "seed": seed, **{k: v for k, v in r.items() if k != "config"}})
     return results
@@ -68,6 +75,9 @@ def summarize(results, keys=TABLE_KEYS):
         row = {"name": name, "seeds": len(rs)}
         for k in keys:
             values = [r[k] for r in rs]
+            if any(math.isnan(v) for v in values):  # a key that does not apply to this run
+                row[k], row[k + "_sd"] = math.nan, math.nan
+                continue
             row[k] = statistics.mean(values)
             row[k + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
         summary.append(row)
@@ -160,7 +170,7 @@ def compare_runs(paper_ratio):
 
 
 def compare(base, args):
-    results = run_variants(base, compare_runs(args.paper_ratio), args.out, args.epochs, args.seeds)
+    results = run_variants(base, compare_runs(args.paper_ratio), args)
     rows = summarize(results)
     print_table(rows)
     fig = curves_by_step(results, ("utilization", "mse"), ("codes used (1,000 test images)",
@@ -187,7 +197,7 @@ STRESS_MULTS = (0.1, 1.0, 3.0, 10.0)
 def stress(base, args):
     runs = [(f"{arm} @x{mult:g}", dict(o, encoder_lr_mult=mult)) for arm, o in STRESS_ARMS.items()
             for mult in STRESS_MULTS]
-    results = run_variants(base, runs, args.out, args.epochs, args.seeds)
+    results = run_variants(base, runs, args)
     for r in results:
         probes = r["history"][1:]  # the first probe's drift is from the initial encoder
         r["drift"] = statistics.mean(h["drift"] for h in probes) if probes else 0.0
@@ -304,7 +314,7 @@ def controlled(base, args):
     print(f"k-means start: {start['kmeans_used']:.1%} of the codes hold latents, mean squared "
           f"quantization error {start['kmeans_error']:.4f}")
     runs = [(name, dict(o, init_from=init, probe_every=args.probe_every)) for name, o in CONTROLLED_ARMS.items()]
-    results = run_variants(base, runs, args.out, args.epochs, args.seeds)
+    results = run_variants(base, runs, args)
     for r in results:
         h = r["history"][1:]  # from the second probe: the first has no previous one
         drift, churn, dead = [p["drift"] for p in h], [p["churn"] for p in h], [p["dead"] for p in h]
@@ -328,7 +338,7 @@ def controlled(base, args):
 # sensitivity: the paper's Fig. 4, alpha x tau
 # -----------------------------------------------------------------------------
 
-ALPHAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
+ALPHAS = (0.0, 0.01, 0.1, 1.0)  # a decade apart, within 15 minutes; --alphas for a finer grid
 TAUS = {"absolute": (0.035, 0.35, 3.5), "relative": (0.1, 1.0, 10.0)}  # a decade either side of the defaults
 
 
@@ -336,32 +346,45 @@ def sensitivity(base, args):
     runs = [("alpha 0", dict(quantizer="nsvq", stages=False, alpha=0.0))]  # no dense loss: tau plays no part
     runs += [(f"{mode} tau {tau:g}, alpha {alpha:g}", dict(quantizer="nsvq", stages=False, alpha=alpha,
                                                          tau=tau, tau_mode=mode))
-             for mode, taus in TAUS.items() for tau in taus for alpha in ALPHAS if alpha > 0]
-    results = run_variants(base, runs, args.out, args.epochs, args.seeds)
+             for mode, taus in TAUS.items() for tau in taus for alpha in args.alphas if alpha > 0]
+    results = run_variants(base, runs, args)
     for r in results:
         last = r["epoch_log"][-1]
-        r["kernel_mass"] = last.get("kernel_mass", 0.0)
+        r["kernel_mass"] = last["kernel_mass"] if r["name"] != "alpha 0" else math.nan  # no kernel in the loss
     keys = ("utilization", "test_mse", "kernel_mass")
     rows = summarize(results, keys)
     print_table(rows, keys)
+    save(results, rows, args.out, "sensitivity", heatmaps(rows, keys, args.alphas))
+    return results
+
+
+def heatmaps(rows, keys, alphas):
+    """One heatmap per key and tau mode (alpha across, tau down), one colour scale per key; the
+    box marks the defaults (alpha 0.1; tau 0.35 absolute, 1 relative); blank: not run."""
     by_name = {r["name"]: r for r in rows}
+    grids = {(mode, key): [[by_name.get("alpha 0" if a == 0 else f"{mode} tau {t:g}, alpha {a:g}", {}).get(key, math.nan)
+                            for a in alphas] for t in taus] for mode, taus in TAUS.items() for key in keys}
     plt = pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(14, 6.5))
+    fig, axes = plt.subplots(len(TAUS), len(keys), figsize=(4.6 * len(keys), 3.2 * len(TAUS)), squeeze=False)
     for i, (mode, taus) in enumerate(TAUS.items()):
         for j, key in enumerate(keys):
-            grid = [[by_name["alpha 0" if a == 0 else f"{mode} tau {t:g}, alpha {a:g}"][key] for a in ALPHAS]
-                    for t in taus]
+            values = [v for m in TAUS for row in grids[(m, key)] for v in row if not math.isnan(v)]
             ax = axes[i, j]
-            ax.imshow(grid, aspect="auto", cmap="viridis_r" if key == "test_mse" else "viridis")
-            for ti, row in enumerate(grid):
+            ax.imshow(grids[(mode, key)], aspect="auto", cmap="viridis_r" if key == "test_mse" else "viridis",
+                      vmin=min(values, default=0), vmax=max(values, default=1))
+            for ti, row in enumerate(grids[(mode, key)]):
                 for ai, value in enumerate(row):
-                    ax.text(ai, ti, fmt(key, value), ha="center", va="center", fontsize=7, color="w")
-            ax.set_xticks(range(len(ALPHAS)), [f"{a:g}" for a in ALPHAS])
+                    ax.text(ai, ti, "" if math.isnan(value) else fmt(key, value), ha="center", va="center",
+                            fontsize=7, bbox=dict(fc="w", alpha=0.7, lw=0, pad=1))
+            if 0.1 in alphas:
+                default = 0.35 if mode == "absolute" else 1.0
+                ax.add_patch(plt.Rectangle((alphas.index(0.1) - 0.5, taus.index(default) - 0.5), 1, 1,
+                                           fill=False, ec="r", lw=2))
+            ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
             ax.set_yticks(range(len(taus)), [f"{t:g}" for t in taus])
             ax.set(xlabel="alpha", ylabel=f"{mode} tau", title=f"{key} ({mode} tau)")
     fig.tight_layout()
-    save(results, rows, args.out, "sensitivity", fig)
-    return results
+    return fig
 
 
 # -----------------------------------------------------------------------------
@@ -382,7 +405,7 @@ def phase_arms(epochs):
 
 def phases(base, args):
     runs = [(name, dict(o, quantizer="nsvq", gan=o.get("gan", True))) for name, o in phase_arms(args.epochs).items()]
-    results = run_variants(base, runs, args.out, args.epochs, args.seeds)
+    results = run_variants(base, runs, args)
     keys = ("test_psnr", "test_ssim", "test_mse", "utilization")
     rows = summarize(results, keys)
     print_table(rows, keys)
@@ -406,7 +429,7 @@ def phases(base, args):
 
 def plateau(base, args):
     run = dict(quantizer="nsvq", freeze_epoch=0, patience=args.patience, gan=True)  # 0: the plateau only
-    results = run_variants(base, [(f"nsvq, patience {args.patience}", run)], args.out, args.epochs, args.seeds)
+    results = run_variants(base, [(f"nsvq, patience {args.patience}", run)], args)
     rows = []
     for r in results:
         frozen = r["stage_start"].get("warmup")
@@ -590,7 +613,7 @@ SUBCOMMANDS = {  # name -> (function, default epochs per run, one line of help)
     "compare": (compare, 12, "the ablation table, same seed, data and budget, no GAN (--paper-ratio: 8 epochs)"),
     "stress": (stress, 6, "encoder lr x0.1, x1, x3, x10 for plain VQ, each part alone and NSVQ"),
     "controlled": (controlled, 8, "continuous autoencoder -> k-means codebook -> STE or NSVQ"),
-    "sensitivity": (sensitivity, 4, "alpha x tau grid, absolute and relative tau"),
+    "sensitivity": (sensitivity, 3, "alpha x tau grid, absolute and relative tau"),
     "phases": (phases, 10, "the stage schedule's phases with the adversarial loss"),
     "plateau": (plateau, 60, "NSVQ frozen by the plateau trigger only"),
     "scale-sim": (scale_sim, None, "K = 4,096 codes on 2,048 drifting latents per step, no encoder"),
@@ -631,6 +654,8 @@ def parse_args(argv=None):
         p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
         p.add_argument("--epochs", type=positive(int), default=None, help=f"budget of each run (default {epochs})")
         p.add_argument("--seeds", type=positive(int), default=1, help="seeds 0 .. N-1 for every run")
+        p.add_argument("--only", default="", metavar="REGEX",
+                       help="run only the runs whose name matches (e.g. to repeat two arms with --seeds 3)")
         if name == "compare":
             p.add_argument("--paper-ratio", action="store_true",
                            help="K = 8,192 on batches of 64: 0.38 latents per code per step (the paper: 0.5)")
@@ -638,12 +663,20 @@ def parse_args(argv=None):
             p.add_argument("--pretrain-epochs", type=positive(int), default=30,
                            help="at most this many epochs of the continuous autoencoder")
             p.add_argument("--probe-every", type=positive(int), default=10, help="steps between probes")
+        if name == "sensitivity":
+            p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS),
+                           help="the alpha axis; 0 is one run without the dense loss (default: %(default)s)")
         if name == "plateau":
             p.add_argument("--patience", type=positive(int), default=10, help="epochs without a new best")
     args = parser.parse_args(argv)
     if args.command != "scale-sim" and args.epochs is None:
         # 8 epochs at the paper's ratio: 1,000 steps, past the recovery at step ~780, within 15 minutes
         args.epochs = 8 if getattr(args, "paper_ratio", False) else SUBCOMMANDS[args.command][1]
+    if getattr(args, "only", ""):
+        try:
+            re.compile(args.only)
+        except re.error as e:
+            parser.error(f"--only {args.only!r} is not a regular expression: {e}")
     if args.command == "scale-sim":
         if args.sim_codes < 64 or args.sim_steps < 20:
             parser.error("--sim-codes must be >= 64 and --sim-steps >= 20")

@@ -917,11 +917,13 @@ def test_imagenet_tiny_runs_all_stages_counts_a_corrupt_jpeg_and_gives_a_tokeniz
 
 
 def test_imagenet_simvq_with_the_dense_loss_trains_in_stages_and_replaces_nothing(tmp_path):
-    result = train_imagenet.main(tiny_imagenet(tmp_path, quantizer="simvq-ns"))
+    result = train_imagenet.main(tiny_imagenet(tmp_path, quantizer="simvq-ns", gan_stage1=False))
     assert result["stage_start"] == {"stage1": 0, "warmup": 1, "stage2": 2}
     lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     stage1 = [line for line in lines if line.get("stage") == "stage1"]
     assert stage1 and all(line["ns"] > 0 and 0 < line["kernel_mass"] < 1 and line["reseeded"] == 0 for line in stage1)
+    # --no-gan-stage1: the adversarial loss only after the freeze
+    assert not any("gan" in line for line in stage1) and any("gan" in line for line in lines if line.get("stage") == "stage2")
     model = train_imagenet.load_autoencoder(train_imagenet.checkpoints(str(tmp_path / "run"))[-1])
     assert isinstance(model.vq, nsvq.NSSimVQ) and len(model.vq.upkeep.latent_pool) == 0
 
@@ -1587,7 +1589,7 @@ def test_nsvq_demo_help_prints_usage_and_runs_nothing(tmp_path):
 
 def tiny_experiment(tmp_path, **args):
     base = tiny_config(tmp_path, gan=False)
-    return base, argparse.Namespace(**{"out": str(tmp_path / "exp"), "epochs": 2, "seeds": 1, **args})
+    return base, argparse.Namespace(**{"out": str(tmp_path / "exp"), "epochs": 2, "seeds": 1, "only": "", **args})
 
 
 def test_experiments_compare_runs_every_variant_and_the_ratio_preset_is_the_papers(tmp_path, monkeypatch):
@@ -1614,13 +1616,23 @@ def test_experiments_stress_and_sensitivity_run_their_grids(tmp_path, monkeypatc
     results = experiments.stress(base, args)
     assert [r["name"] for r in results] == [f"{arm} @x3" for arm in experiments.STRESS_ARMS]
     assert all(r["drift"] > 0 for r in results)
-    monkeypatch.setattr(experiments, "ALPHAS", (0.0, 0.3))
     monkeypatch.setattr(experiments, "TAUS", {"absolute": (0.35,), "relative": (1.0,)})
+    args.alphas = [0.0, 0.3]
     results = experiments.sensitivity(base, args)
     mass = {r["name"]: r["kernel_mass"] for r in results}
     assert list(mass) == ["alpha 0", "absolute tau 0.35, alpha 0.3", "relative tau 1, alpha 0.3"]
-    assert all(0 < m < 1 for m in mass.values())
+    assert math.isnan(mass.pop("alpha 0")) and all(0 < m < 1 for m in mass.values())
     assert (tmp_path / "exp" / "sensitivity.png").stat().st_size > 0
+    args.only, args.out = "^relative", str(tmp_path / "only")  # --only: a part of the grid, the rest left blank
+    assert [r["name"] for r in experiments.sensitivity(base, args)] == ["relative tau 1, alpha 0.3"]
+    assert [r["name"] for r in json.load(open(tmp_path / "only" / "sensitivity.json"))["runs"]] == ["relative tau 1, alpha 0.3"]
+    args.only, args.seeds = "^alpha 0$", 2  # seeds of a run without a kernel: its mass is no number
+    experiments.sensitivity(base, args)
+    (row,) = json.load(open(tmp_path / "only" / "sensitivity.json"))["summary"]
+    assert row["seeds"] == 2 and math.isnan(row["kernel_mass"]) and row["test_mse"] > 0
+    args.only = "^no such run$"
+    with pytest.raises(ValueError, match="matches none"):
+        experiments.stress(base, args)
 
 
 def test_experiments_kmeans_finds_separated_blobs_and_pearson_matches_numpy():
@@ -1678,7 +1690,8 @@ def test_experiments_scale_sim_runs_every_method_and_checks_its_options(tmp_path
     assert all(r["duplicates"] == 0 and r["live_reseeded"] == 0 for r in results)
     assert (tmp_path / "sim" / "scale-sim.png").stat().st_size > 0
     for argv, error in ((["scale-sim", "--sim-steps", "5"], "--sim-steps"), (["scale-sim", "--relative-tau", "nan"], "--relative-tau"),
-                        (["stress", "--epochs", "0"], "--epochs"), (["compare", "--seeds", "-1"], "--seeds")):
+                        (["stress", "--epochs", "0"], "--epochs"), (["compare", "--seeds", "-1"], "--seeds"),
+                        (["phases", "--only", "(unclosed"], "not a regular expression")):
         with pytest.raises(SystemExit) as exit_:
             experiments.parse_args(argv)
         assert exit_.value.code == 2 and error in capsys.readouterr().err

@@ -97,6 +97,8 @@ class Config:
     freeze_epoch: Optional[int] = 60     # freeze by then at the latest (ours; 0: plateau only)
     warmup_epochs: int = 2               # encoder frozen, no GAN (ours: the paper gives none)
     gan_ramp_epochs: int = 2             # stage-2 GAN ramp (paper)
+    gan_stage1: bool = True              # the GAN in stage 1 too, from step 0 (ours: the sources leave
+                                         # its start open; on MNIST, keeping it out was steadier)
     # optimisation
     epochs: int = 70                     # (the paper, as best known; SimVQ's config: 50)
     batch_size: int = 128                # global batch, split evenly across ranks
@@ -1326,7 +1328,8 @@ def main(cfg):
                 for index, n in misses.tolist():  # a CPU tensor from the loader: no wait on the device
                     unreadable.update((index + j) % len(train_loader.dataset) for j in range(n))
                 x = to_model_range(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format(cfg))
-                gan_w = cfg.gan_weight * schedule.gan_weight(epoch + state["batch"] / steps_per_epoch)
+                gan_on = cfg.gan_stage1 or not stages or schedule.stage != "stage1"  # baselines: always
+                gan_w = cfg.gan_weight * schedule.gan_weight(epoch + state["batch"] / steps_per_epoch) if gan_on else 0.0
                 refill = cfg.quantizer == "nsvq" and schedule.replacement  # the pool only serves replacement
                 replace = refill and state["step"] % cfg.replace_every == 0
                 if replace:  # kept on the device, read at the log line
