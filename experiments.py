@@ -103,6 +103,13 @@ def print_table(rows, keys=TABLE_KEYS):
         print(f"| {r['name']} | " + " | ".join(cells) + " |")
 
 
+def report(results, keys=TABLE_KEYS):
+    """summarize's rows, printed as a table."""
+    rows = summarize(results, keys)
+    print_table(rows, keys)
+    return rows
+
+
 def pyplot():
     import matplotlib
     matplotlib.use("Agg")
@@ -171,8 +178,7 @@ def compare_runs(paper_ratio):
 
 def compare(base, args):
     results = run_variants(base, compare_runs(args.paper_ratio), args)
-    rows = summarize(results)
-    print_table(rows)
+    rows = report(results)
     fig = curves_by_step(results, ("utilization", "mse"), ("codes used (1,000 test images)",
                                                            "MSE (the same images)"), ylog=("mse",))
     save(results, rows, args.out, "compare", fig)
@@ -203,8 +209,7 @@ def stress(base, args):
         r["drift"] = statistics.mean(h["drift"] for h in probes) if probes else 0.0
         r["churn"] = statistics.mean(h["churn"] for h in probes) if probes else 0.0
     keys = ("utilization", "test_mse", "drift", "churn")
-    rows = summarize(results, keys)
-    print_table(rows, keys)
+    rows = report(results, keys)
     plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.4))
     for arm in STRESS_ARMS:
@@ -325,8 +330,7 @@ def controlled(base, args):
         r.update(start, continuous_test_mse=curve[-1], pretrain_epochs=len(curve))
     keys = ("utilization", "test_mse", "final_dead", "corr_drift_churn", "corr_drift_new_dead",
             "corr_churn_quant_error")
-    rows = summarize(results, keys)
-    print_table(rows, keys)
+    rows = report(results, keys)
     fig = curves_by_step(results, ("drift", "churn", "dead", "utilization", "quant_error"),
                          ("encoder drift (RMS)", "assignment churn", "dead codes (usage)",
                           "codes used (probe)", "quantization error |z - z_q|"))
@@ -352,8 +356,7 @@ def sensitivity(base, args):
         last = r["epoch_log"][-1]
         r["kernel_mass"] = last["kernel_mass"] if r["name"] != "alpha 0" else math.nan  # no kernel in the loss
     keys = ("utilization", "test_mse", "kernel_mass")
-    rows = summarize(results, keys)
-    print_table(rows, keys)
+    rows = report(results, keys)
     save(results, rows, args.out, "sensitivity", heatmaps(rows, keys, args.alphas))
     return results
 
@@ -407,8 +410,7 @@ def phases(base, args):
     runs = [(name, dict(o, quantizer="nsvq", gan=o.get("gan", True))) for name, o in phase_arms(args.epochs).items()]
     results = run_variants(base, runs, args)
     keys = ("test_psnr", "test_ssim", "test_mse", "utilization")
-    rows = summarize(results, keys)
-    print_table(rows, keys)
+    rows = report(results, keys)
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
     for r in results:
@@ -677,6 +679,8 @@ def parse_args(argv=None):
             re.compile(args.only)
         except re.error as e:
             parser.error(f"--only {args.only!r} is not a regular expression: {e}")
+    if any(not (math.isfinite(a) and a >= 0) for a in getattr(args, "alphas", ())):
+        parser.error(f"--alphas must be finite numbers >= 0, got {args.alphas}")
     if args.command == "scale-sim":
         if args.sim_codes < 64 or args.sim_steps < 20:
             parser.error("--sim-codes must be >= 64 and --sim-steps >= 20")

@@ -775,7 +775,8 @@ STAGES = ("stage1", "warmup", "stage2")
 class StageSchedule:
     """NSVQ's stage-wise training (paper, part 3) as a small, passive, resumable state machine.
 
-        stage1: everything trains; dense loss and replacement on; adversarial loss at weight 1.
+        stage1: everything trains; dense loss and replacement on; adversarial loss at weight 1
+                (0 with gan_stage1=False: the sources leave its start open).
         warmup: encoder frozen; codebook term + reconstruction only: no GAN, no dense loss,
                 no replacement, no commitment (the encoder no longer moves).
         stage2: as warmup, plus the adversarial loss ramped linearly 0 -> 1 over
@@ -790,13 +791,14 @@ class StageSchedule:
     the loss all-reduced across ranks, so every rank changes stage on the same epoch.
     """
 
-    def __init__(self, patience=10, freeze_epoch=None, warmup_epochs=1, gan_ramp_epochs=2):
+    def __init__(self, patience=10, freeze_epoch=None, warmup_epochs=1, gan_ramp_epochs=2, gan_stage1=True):
         for name, value, low in (("patience", patience, 1), ("freeze_epoch", freeze_epoch, 1),
                                  ("warmup_epochs", warmup_epochs, 0), ("gan_ramp_epochs", gan_ramp_epochs, 0)):
             if value is not None or name in ("warmup_epochs", "gan_ramp_epochs"):
                 check_count(name, value, low)
         self.patience, self.freeze_epoch = patience, freeze_epoch
         self.warmup_epochs, self.gan_ramp_epochs = warmup_epochs, gan_ramp_epochs
+        self.gan_stage1 = gan_stage1
         self.stage = "stage1"
         self.best = math.inf
         self.epochs_since_best = 0
@@ -836,7 +838,7 @@ class StageSchedule:
     def gan_weight(self, epoch_float):
         """Adversarial weight in [0, 1] at a fractional epoch (e.g. epoch + step / steps)."""
         if self.stage == "stage1":
-            return 1.0
+            return 1.0 if self.gan_stage1 else 0.0
         if self.stage == "warmup":
             return 0.0
         if self.gan_ramp_epochs == 0:

@@ -421,6 +421,11 @@ def test_stage_schedule_freezes_on_plateau_then_warms_up_then_ramps_the_gan():
     assert s.stage == "stage2" and s.stage_start["stage2"] == 6
     assert s.gan_weight(6.0) == 0.0 and s.gan_weight(7.0) == 0.5 and s.gan_weight(9.0) == 1.0
     assert not s.commitment and not s.encoder_trainable
+    late = nsvq.StageSchedule(patience=1, warmup_epochs=0, gan_ramp_epochs=2, gan_stage1=False)
+    assert late.gan_weight(0.5) == 0.0  # the GAN kept out of stage 1: it starts with stage 2's ramp
+    late.end_epoch(0, 1.0)
+    late.end_epoch(1, 1.0)
+    assert late.stage == "stage2" and late.gan_weight(3.0) == 0.5
 
 
 def test_stage_schedule_freeze_epoch_zero_warmup_and_a_single_stage():
@@ -1691,7 +1696,8 @@ def test_experiments_scale_sim_runs_every_method_and_checks_its_options(tmp_path
     assert (tmp_path / "sim" / "scale-sim.png").stat().st_size > 0
     for argv, error in ((["scale-sim", "--sim-steps", "5"], "--sim-steps"), (["scale-sim", "--relative-tau", "nan"], "--relative-tau"),
                         (["stress", "--epochs", "0"], "--epochs"), (["compare", "--seeds", "-1"], "--seeds"),
-                        (["phases", "--only", "(unclosed"], "not a regular expression")):
+                        (["phases", "--only", "(unclosed"], "not a regular expression"),
+                        (["sensitivity", "--alphas", "0.1", "-1"], "--alphas"), (["sensitivity", "--alphas", "nan"], "--alphas")):
         with pytest.raises(SystemExit) as exit_:
             experiments.parse_args(argv)
         assert exit_.value.code == 2 and error in capsys.readouterr().err

@@ -1284,7 +1284,8 @@ def main(cfg):
     torch.manual_seed(cfg.seed + rank)
     stages = cfg.quantizer in ("nsvq", "simvq-ns")  # the baselines train in one stage, as published
     schedule = nsvq.StageSchedule(cfg.patience if stages else None, cfg.freeze_epoch if stages else None,
-                                  cfg.warmup_epochs, cfg.gan_ramp_epochs)
+                                  cfg.warmup_epochs, cfg.gan_ramp_epochs,
+                                  gan_stage1=cfg.gan_stage1 or not stages)  # baselines: the GAN throughout
     state = {"epoch": 0, "batch": 0, "step": 0, "unreadable": [], "bad_steps_total": 0}
     commit = torch.zeros(2, device=device)  # this rank's commitment-loss sum and count this epoch
     if cfg.resume:
@@ -1328,8 +1329,7 @@ def main(cfg):
                 for index, n in misses.tolist():  # a CPU tensor from the loader: no wait on the device
                     unreadable.update((index + j) % len(train_loader.dataset) for j in range(n))
                 x = to_model_range(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format(cfg))
-                gan_on = cfg.gan_stage1 or not stages or schedule.stage != "stage1"  # baselines: always
-                gan_w = cfg.gan_weight * schedule.gan_weight(epoch + state["batch"] / steps_per_epoch) if gan_on else 0.0
+                gan_w = cfg.gan_weight * schedule.gan_weight(epoch + state["batch"] / steps_per_epoch)
                 refill = cfg.quantizer == "nsvq" and schedule.replacement  # the pool only serves replacement
                 replace = refill and state["step"] % cfg.replace_every == 0
                 if replace:  # kept on the device, read at the log line
