@@ -9,6 +9,8 @@ experiments.py -- the comparisons and the paper's analyses in miniature, one sub
     python experiments.py phases                 # Table 3: the stage schedule's phases, with GAN
     python experiments.py plateau                # the paper's freeze trigger, firing
     python experiments.py scale-sim              # the paper's scale simulated, no encoder
+    python experiments.py toy                    # 2-D codebooks on moving blobs (README figure)
+    python experiments.py natural --data DIR     # real photographs: 7 methods, train_imagenet.py
 
 Every MNIST subcommand trains train_mnist.py's model with its loop and data, changing only what
 it names, prints a table and writes <out>/<subcommand>.json and .png (default --out:
@@ -20,6 +22,7 @@ What each measured, with its command and the data it ran on, is in EXPERIMENTS.m
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
@@ -28,11 +31,12 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+import metrics
 import nsvq
 import train_mnist
-from train_mnist import savefig_atomic, write_json_atomic
 
 # -----------------------------------------------------------------------------
 # Shared: runs with the same seed, data and budget; tables; figures
@@ -41,23 +45,116 @@ from train_mnist import savefig_atomic, write_json_atomic
 TABLE_KEYS = ("utilization", "perplexity", "test_mse", "test_psnr", "test_ssim", "train_seconds")
 
 
+def write_json_atomic(obj, path):
+    train_mnist.write_atomic(path, lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=1)))
+
+
+def savefig_atomic(fig, path, **kwargs):
+    train_mnist.write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", **kwargs))
+
+
+class UpkeepFromCodes(nsvq.CodebookUpkeep):
+    """Replacement as the paper describes it: a dead code becomes a live code, drawn in
+    proportion to usage, plus Gaussian noise of noise * RMS(codebook). Codes not yet seeded
+    from data are seeded from the latent pool first (seeded=True: the initial codebook counts
+    as seeded, and only usage decides). Rank 0's random draws are broadcast to every rank."""
+
+    def __init__(self, codebook_size, dim, noise=0.01, seeded=False):
+        super().__init__(codebook_size, dim)
+        self.noise = noise
+        self.seeded.fill_(seeded)
+
+    @torch.no_grad()
+    def reseed_(self, codebook, threshold=0.01):
+        if not bool(self.seeded.all()):
+            return super().reseed_(codebook, threshold)
+        mask = self.dead(threshold)  # (K,)
+        new = codebook[torch.multinomial(torch.where(mask, 0.0, self.usage) + 1e-30, len(mask), replacement=True)]
+        new = new + self.noise * codebook.pow(2).mean().sqrt() * torch.randn_like(new)
+        if dist.is_initialized():
+            dist.broadcast(new, src=0)
+        self.usage.masked_fill_(mask, 1.0 / len(mask))
+        return mask, new
+
+
+def duplicate_codes(codebook):
+    """How many codes are exact copies of another (K - the number of distinct rows)."""
+    return len(codebook) - len(torch.unique(codebook, dim=0))
+
+
+class Probe:
+    """train_mnist.main's on_step hook: every `every` steps, on a fixed batch of test images,
+    the paper's encoder drift (RMS change of z_e since the previous probe; the first against
+    the encoder before training), assignment churn, codes used, reconstruction MSE, scales and
+    the codes that replacement counts as dead. Records land in self.history."""
+
+    def __init__(self, images, every):
+        self.images, self.every, self.previous, self.history = images, every, None, []
+
+    @torch.no_grad()
+    def measure(self, model):
+        model.eval()
+        images = self.images.to(next(model.parameters()).device)
+        z = model.encoder(images)
+        out = model.vq(z)
+        x_hat = model.decoder(out.z_q)
+        model.train()
+        zr, zqr = nsvq.to_rows(z, model.vq.dim), nsvq.to_rows(out.z_q, model.vq.dim)  # (N, D)
+        counts = torch.bincount(out.indices.flatten().cpu(), minlength=model.vq.codebook_size)
+        record = {"utilization": nsvq.codebook_stats(counts)["utilization"],
+                  "mse": float(F.mse_loss(x_hat, images)),
+                  "drift": float((z - self.previous[0]).pow(2).mean().sqrt()) if self.previous else 0.0,
+                  "churn": float((out.indices != self.previous[1]).float().mean()) if self.previous else 0.0,
+                  "latent_norm": float(zr.norm(dim=1).mean()), "quant_error": float((zr - zqr).norm(dim=1).mean()),
+                  "code_norm": float(model.vq.codebook.norm(dim=1).mean()), "dead": int(model.vq.upkeep.dead().sum())}
+        self.previous = (z, out.indices)
+        return record
+
+    def __call__(self, trainer, step):
+        if step % self.every == 0:
+            self.history.append({"step": step, **self.measure(trainer.model)})
+
+
+def make_setup(probe, encoder_lr_mult=1.0, init_from="", replace_from="latents"):
+    """train_mnist.main's setup hook for the knobs only experiments use: a faster or slower
+    encoder (its Adam group's lr times encoder_lr_mult), a start from saved weights, the
+    paper's replacement from live codes; then the probe's reference measurement."""
+    def setup(trainer):
+        trainer.opt.param_groups[0]["lr"] *= encoder_lr_mult  # group 0: the encoder
+        if init_from:
+            trainer.model.load_state_dict(torch.load(init_from, map_location="cpu", weights_only=True))
+        if replace_from == "codes":
+            vq = trainer.model.vq
+            vq.upkeep = UpkeepFromCodes(vq.codebook_size, vq.dim, seeded=True).to(vq.codebook.device)
+        probe.measure(trainer.model)
+    return setup
+
+
+EXTRA = ("encoder_lr_mult", "init_from", "replace_from")  # run options that are no Config field
+
+
 def run_variants(base, runs, args):
     """Train each (name, overrides) whose name matches --only, for --epochs, with seeds
-    0 .. --seeds - 1; a list of results (train_mnist.main's, without the config) with "name"
-    and "seed" added."""
+    0 .. --seeds - 1; a list of results (train_mnist.main's, without the config) with "name",
+    "seed" and the probe's "history" added. Overrides are Config fields, or EXTRA ones."""
     if args.only:
         runs = [(name, o) for name, o in runs if re.search(args.only, name)]
         if not runs:
             raise ValueError(f"--only {args.only!r} matches none of this subcommand's runs")
+    test_images = train_mnist.load_split(base, "test")[:1000]  # the probe's fixed batch
     results = []
     for name, overrides in runs:
         for seed in range(args.seeds):
             print(f"\n=== {name}" + (f", seed {seed}" if args.seeds > 1 else "") + " ===", flush=True)
             folder = name if args.seeds == 1 else f"{name}-seed{seed}"
-            cfg = dataclasses.replace(base, epochs=args.epochs, seed=seed, resume="", overwrite=True, quiet=True,
-                                      out=os.path.join(args.out, safe_name(folder)), **overrides)
-            r = train_mnist.main(cfg)
-            results.append({"name": name, "seed": seed, **{k: v for k, v in r.items() if k != "config"}})
+            fields = {k: v for k, v in overrides.items() if k not in EXTRA}
+            cfg = dataclasses.replace(base, epochs=args.epochs, seed=seed, quiet=True,
+                                      out=os.path.join(args.out, safe_name(folder)), **fields)
+            probe = Probe(test_images, getattr(args, "probe_every", 100))
+            setup = make_setup(probe, **{k: v for k, v in overrides.items() if k in EXTRA})
+            r = train_mnist.main(cfg, setup=setup, on_step=probe)
+            results.append({"name": name, "seed": seed, "history": probe.history,
+                            **{k: v for k, v in r.items() if k != "config"}})
     return results
 
 
@@ -285,13 +382,13 @@ def kmeans_start(model, train_images, K, seed):
     """The pretrained model with its codebook set to k-means centroids of its training latents:
     every code counts as seeded, with its k-means share as usage."""
     device = next(model.parameters()).device
-    z = torch.cat([nsvq.flatten_latents(model.encoder(x.to(device)), model.vq.dim).cpu()
+    z = torch.cat([nsvq.to_rows(model.encoder(x.to(device)), model.vq.dim).cpu()
                    for x in train_images.split(1000)])  # (N, D)
     centroids, shares = kmeans(z, K, seed=seed)
     model.vq.embedding.copy_(centroids)
     model.vq.upkeep.seeded.fill_(True)
     model.vq.upkeep.usage.copy_(shares)
-    error = float(nsvq.mean_quantization_error(z, centroids, nsvq.nearest_code(z, centroids)))
+    error = float((z - centroids[nsvq.nearest_code(z, centroids)]).pow(2).sum(1).mean())
     return {"kmeans_error": error, "kmeans_used": float((shares > 0).float().mean())}
 
 
@@ -315,10 +412,11 @@ def controlled(base, args):
     model, curve = pretrain_continuous(cfg, train_images, test_images, args.pretrain_epochs)
     start = kmeans_start(model, train_images, cfg.codebook_size, cfg.seed)
     init = os.path.join(args.out, "kmeans_start.pt")
-    train_mnist.save_atomic(model.state_dict(), init)
+    state = model.state_dict()
+    train_mnist.write_atomic(init, lambda tmp: torch.save(state, tmp))
     print(f"k-means start: {start['kmeans_used']:.1%} of the codes hold latents, mean squared "
           f"quantization error {start['kmeans_error']:.4f}")
-    runs = [(name, dict(o, init_from=init, probe_every=args.probe_every)) for name, o in CONTROLLED_ARMS.items()]
+    runs = [(name, dict(o, init_from=init)) for name, o in CONTROLLED_ARMS.items()]
     results = run_variants(base, runs, args)
     for r in results:
         h = r["history"][1:]  # from the second probe: the first has no previous one
@@ -492,16 +590,18 @@ EXTRA_SIM_METHODS = ("nsvq-absolute-tau", "nsvq-replace-from-codes", "ste+replac
 def make_sim_quantizer(method, K, D, args):
     """(quantizer, replaces during training) for a method name of the simulation."""
     if method.startswith("ste+replace"):
-        return nsvq.VectorQuantizer(K, D, replace_from="codes" if "codes" in method else "latents"), True
-    if method == "ema+replace":
-        return nsvq.EMAVectorQuantizer(K, D, decay=args.ema_decay), True
-    if method == "simvq":
-        return nsvq.SimVQ(K, D), False
-    if method == "nsvq-absolute-tau":
-        return nsvq.NSVQ(K, D, tau=args.absolute_tau), True
-    source = "codes" if method == "nsvq-replace-from-codes" else "latents"
-    relative = nsvq.NSVQ(K, D, tau=args.relative_tau, tau_mode="relative", replace_from=source)
-    return relative, method != "nsvq-no-replace"
+        vq, replaces = nsvq.VectorQuantizer(K, D), True
+    elif method == "ema+replace":
+        vq, replaces = nsvq.EMAVectorQuantizer(K, D, decay=args.ema_decay), True
+    elif method == "simvq":
+        vq, replaces = nsvq.SimVQ(K, D), False
+    elif method == "nsvq-absolute-tau":
+        vq, replaces = nsvq.NSVQ(K, D, tau=args.absolute_tau), True
+    else:
+        vq, replaces = nsvq.NSVQ(K, D, tau=args.relative_tau, tau_mode="relative"), method != "nsvq-no-replace"
+    if method.endswith("from-codes"):  # seeded from the latent pool first, like every other method
+        vq.upkeep = UpkeepFromCodes(K, D)
+    return vq, replaces
 
 
 def simulate(method, speed, args, seed=0):
@@ -518,9 +618,6 @@ def simulate(method, speed, args, seed=0):
     torch.manual_seed(seed)
     data = DriftingMixture(K // 32, D, steps, speed, torch.Generator().manual_seed(seed))
     vq, replaces = make_sim_quantizer(method, K, D, args)
-    if vq.upkeep.replace_from == "codes":  # seed from data first, like every other method
-        vq.upkeep.seeded.fill_(False)
-        vq.upkeep.replace_from = "latents"
     params = list(vq.parameters())
     opt = torch.optim.Adam(params, lr=args.sim_lr) if params else None
     curves, window, previous = [], torch.zeros(K), torch.zeros(K)
@@ -541,11 +638,9 @@ def simulate(method, speed, args, seed=0):
             if opt:
                 nsvq.reset_adam_state_(opt, vq.embedding, dead)
             if not seeding:  # "live": chosen in the last 20 to 40 steps
-                reseeded += len(dead)
+                reseeded += int(dead.sum())
                 live_reseeded += int(((window + previous)[dead] > 0).sum())
-            elif bool(vq.upkeep.seeded.all()) and "codes" in method:
-                vq.upkeep.replace_from = "codes"  # seeded: from now on, as the method says
-        error = nsvq.mean_quantization_error(z, vq.codebook.detach(), out.indices)
+        error = (z - vq.codebook.detach()[out.indices]).pow(2).sum(1).mean()
         sums["error"] += float(error / z.var(0).sum())
         sums["mass"] += float(out.diagnostics.get("kernel_mass", float("nan")))
         if (step + 1) % 20 == 0:
@@ -553,7 +648,7 @@ def simulate(method, speed, args, seed=0):
             curves.append({"step": step + 1, "utilization": health["utilization"],
                            "perplexity": health["perplexity"], "rel_error": sums["error"] / 20,
                            "kernel_mass": sums["mass"] / 20,
-                           "duplicates": nsvq.duplicate_codes(vq.codebook.detach())})
+                           "duplicates": duplicate_codes(vq.codebook.detach())})
             window, previous = torch.zeros(K), window
             sums = {"error": 0.0, "mass": 0.0}
     last = curves[len(curves) // 2:]  # the second half of the run
@@ -608,6 +703,135 @@ def scale_sim(args):
 
 
 # -----------------------------------------------------------------------------
+# natural: real photographs through train_imagenet.py's cifar preset
+# -----------------------------------------------------------------------------
+
+NATURAL_METHODS = {  # name -> train_imagenet options; the same preset, budget and seed for all
+    "STE": dict(quantizer="ste", replace=False),
+    "STE + replacement": dict(quantizer="ste", replace=True),
+    "EMA + replacement": dict(quantizer="ema", replace=True),
+    "SimVQ": dict(quantizer="simvq"),
+    "FSQ": dict(quantizer="fsq"),
+    "NSVQ": dict(quantizer="nsvq"),
+    "SimVQ + dense loss": dict(quantizer="simvq-ns"),
+}
+NATURAL_KEYS = ("psnr", "ssim", "l1", "utilization", "perplexity", "seconds")
+
+
+def natural(args):
+    """Every method of NATURAL_METHODS through train_imagenet.py's cifar preset (32x32 images,
+    8x8 tokens, K = 8,192, the paper's 0.5 latents per code per step) on --data's train/, scored
+    on its val/: the table, the codes used over training, real images and each reconstruction."""
+    import train_imagenet
+    runs = [(n, o) for n, o in NATURAL_METHODS.items() if not args.only or re.search(args.only, n)]
+    if not runs:
+        raise ValueError(f"--only {args.only!r} matches none of this subcommand's runs")
+    results = []
+    for name, overrides in runs:
+        for seed in range(args.seeds):
+            print(f"\n=== {name}" + (f", seed {seed}" if args.seeds > 1 else "") + " ===", flush=True)
+            out = os.path.join(args.out, safe_name(name if args.seeds == 1 else f"{name}-seed{seed}"))
+            extra = {"epochs": args.epochs} if args.epochs else {}
+            cfg = train_imagenet.make_config("cifar", data=args.data, out=out, seed=seed, overwrite=True,
+                                             device=args.device, **overrides, **extra)
+            r = train_imagenet.main(cfg)
+            log = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+            results.append({"name": name, "seed": seed, **r, "history": log,
+                            "codes_used": [[h["step"], h["utilization"]] for h in log],
+                            "checkpoint": train_imagenet.checkpoints(out)[-1]})
+    rows = report(results, NATURAL_KEYS)
+    plt = pyplot()
+    val = metrics.ImageFolder(args.data, "val", 32, False, 0)
+    images = torch.stack([val[(i, 0)][0] for i in range(0, len(val), len(val) // 8)][:8])  # all classes
+    x = (images.double() / 127.5 - 1).float()
+    firsts = [r for r in results if r["seed"] == 0]
+    fig = plt.figure(figsize=(13, 2.2 + 0.9 * (len(firsts) + 1)))
+    grid = fig.add_gridspec(len(firsts) + 1, 2, width_ratios=(1, 1.1))
+    curve = fig.add_subplot(grid[:, 1])
+    for row, r in enumerate([None] + firsts):
+        if r is None:
+            shown, label = x, "val images"
+        else:
+            shown, label = train_imagenet.load_autoencoder(r["checkpoint"])(x)[0].clamp(-1, 1), r["name"]
+            steps = [h["step"] for h in r["history"]]
+            curve.plot(steps, [h["utilization"] for h in r["history"]], label=r["name"])
+        ax = fig.add_subplot(grid[row, 0])
+        ax.imshow(((shown.detach() + 1) / 2).permute(2, 0, 3, 1).reshape(32, -1, 3).clamp(0, 1).numpy())
+        ax.set(xticks=[], yticks=[])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    curve.set(xlabel="step", ylabel="codes used in the last 20 steps", ylim=(0, 1.02))
+    curve.legend(fontsize=7)
+    fig.tight_layout()
+    save(results, rows, args.out, "natural", fig)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# toy: the README's first figure, codebooks on moving 2-D blobs
+# -----------------------------------------------------------------------------
+
+def toy_data(scenario, t, n, generator):
+    """n samples of 8 blobs in 2-D at time t in [0, 1]: translating, or shrinking."""
+    angle = torch.arange(8) * math.pi / 4
+    x = torch.stack([angle.cos(), angle.sin()], 1)[torch.randint(8, (n,), generator=generator)]
+    x = x + 0.15 * torch.randn(n, 2, generator=generator)
+    return x + torch.tensor([4.0 * t, 0.0]) if scenario == "translate" else x * (1.0 - 0.8 * t)
+
+
+def toy_run(method, scenario, steps=1500, K=64):
+    """A codebook trained online on the moving blobs: (final codes, [(t, utilization)])."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    vq = {"STE": lambda: nsvq.VectorQuantizer(K, 2), "EMA": lambda: nsvq.EMAVectorQuantizer(K, 2, decay=0.95),
+          "NSVQ": lambda: nsvq.NSVQ(K, 2, alpha=1.0, tau=0.02)}[method]()  # tau ~ a blob's spread
+    with torch.no_grad():  # every method starts from the same live codes, on the data at t = 0
+        vq.embedding.copy_(toy_data(scenario, 0.0, K, gen))
+        if method == "EMA":
+            vq.embed_sum.copy_(vq.embedding)
+        vq.upkeep.usage.fill_(1.0 / K)
+        vq.upkeep.seeded.fill_(True)
+    opt = torch.optim.Adam(vq.parameters(), lr=1e-2) if method != "EMA" else None
+    usage = []
+    for step in range(steps):
+        t = step / (steps - 1)
+        z_e = toy_data(scenario, t, 256, gen)  # (256, 2): the "encoder output", moving
+        out = vq(z_e)
+        if opt:
+            opt.zero_grad()
+            sum(out.losses.values()).backward()
+            opt.step()
+        vq.update_(z_e, out.indices)
+        if method == "NSVQ" and step % 10 == 0:
+            nsvq.reset_adam_state_(opt, vq.embedding, vq.replace_dead_codes_())
+        if step % 25 == 0 or step == steps - 1:
+            probe = nsvq.nearest_code(toy_data(scenario, t, 4096, gen), vq.codebook)
+            usage.append((t, nsvq.codebook_stats(torch.bincount(probe, minlength=K))["utilization"]))
+    return vq.codebook.detach(), usage
+
+
+def toy(args):
+    """STE, EMA and NSVQ codebooks of 64 codes trained online on 8 blobs that translate or
+    shrink: where each leaves its codes, and the share of them in use over time."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 4, figsize=(15, 7))
+    for row, scenario in enumerate(("translate", "shrink")):
+        data = toy_data(scenario, 1.0, 2000, torch.Generator().manual_seed(1))
+        for col, method in enumerate(("STE", "EMA", "NSVQ")):
+            codebook, usage = toy_run(method, scenario)
+            axes[row, col].scatter(data[:, 0], data[:, 1], s=2, c="lightgray")
+            axes[row, col].scatter(codebook[:, 0], codebook[:, 1], s=12, c="C3")
+            axes[row, col].set(title=f"{method}, {scenario}: final codebook", aspect="equal")
+            axes[row, 3].plot(*zip(*usage), label=method)
+            print(f"{scenario:9s} {method:5s} final utilization {usage[-1][1]:.0%}")
+        axes[row, 3].set(title=f"{scenario}: utilization", xlabel="time", ylim=(0, 1.05))
+        axes[row, 3].legend()
+    fig.tight_layout()
+    os.makedirs(args.out, exist_ok=True)
+    savefig_atomic(fig, os.path.join(args.out, "toy.png"), dpi=60)
+    print(f"wrote {os.path.join(args.out, 'toy.png')}")
+
+
+# -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
 
@@ -619,6 +843,8 @@ SUBCOMMANDS = {  # name -> (function, default epochs per run, one line of help)
     "phases": (phases, 10, "the stage schedule's phases with the adversarial loss"),
     "plateau": (plateau, 60, "NSVQ frozen by the plateau trigger only"),
     "scale-sim": (scale_sim, None, "K = 4,096 codes on 2,048 drifting latents per step, no encoder"),
+    "toy": (toy, None, "2-D codebooks on moving blobs: the README's first figure (about 20 s)"),
+    "natural": (natural, None, "7 methods on real photographs: train_imagenet.py --preset cifar"),
 }
 
 
@@ -637,6 +863,15 @@ def parse_args(argv=None):
     for name, (_, epochs, help) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)
         p.add_argument("--out", default=os.path.join("runs", "experiments", name), help="output folder")
+        if name == "toy":
+            continue
+        if name == "natural":
+            p.add_argument("--data", required=True, help="a folder of train/ and val/ images")
+            p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+            p.add_argument("--epochs", type=positive(int), default=None, help="(default: the preset's)")
+            p.add_argument("--seeds", type=positive(int), default=1, help="seeds 0 .. N-1 for every run")
+            p.add_argument("--only", default="", metavar="REGEX", help="run only the runs whose name matches")
+            continue
         if name == "scale-sim":
             p.add_argument("--sim-codes", type=positive(int), default=4096, help="K; K/2 latents per step")
             p.add_argument("--sim-dim", type=positive(int), default=32, help="D")
@@ -653,7 +888,7 @@ def parse_args(argv=None):
             continue
         p.add_argument("--data", default="./data/mnist", help="folder of the MNIST IDX files")
         p.add_argument("--no-download", dest="download", action="store_false", help="never touch the network")
-        p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda")
         p.add_argument("--epochs", type=positive(int), default=None, help=f"budget of each run (default {epochs})")
         p.add_argument("--seeds", type=positive(int), default=1, help="seeds 0 .. N-1 for every run")
         p.add_argument("--only", default="", metavar="REGEX",
@@ -661,17 +896,18 @@ def parse_args(argv=None):
         if name == "compare":
             p.add_argument("--paper-ratio", action="store_true",
                            help="K = 8,192 on batches of 64: 0.38 latents per code per step (the paper: 0.5)")
+        p.add_argument("--probe-every", type=positive(int), default=10 if name == "controlled" else 100,
+                       help="steps between probes of drift, churn and codes used")
         if name == "controlled":
             p.add_argument("--pretrain-epochs", type=positive(int), default=30,
                            help="at most this many epochs of the continuous autoencoder")
-            p.add_argument("--probe-every", type=positive(int), default=10, help="steps between probes")
         if name == "sensitivity":
             p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS),
                            help="the alpha axis; 0 is one run without the dense loss (default: %(default)s)")
         if name == "plateau":
             p.add_argument("--patience", type=positive(int), default=10, help="epochs without a new best")
     args = parser.parse_args(argv)
-    if args.command != "scale-sim" and args.epochs is None:
+    if args.command not in ("scale-sim", "toy", "natural") and args.epochs is None:
         # 8 epochs at the paper's ratio: 1,000 steps, past the recovery at step ~780, within 15 minutes
         args.epochs = 8 if getattr(args, "paper_ratio", False) else SUBCOMMANDS[args.command][1]
     if getattr(args, "only", ""):
@@ -698,9 +934,9 @@ def base_config(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    train_mnist.check_out(train_mnist.Config(out=args.out, overwrite=True))
-    if args.command == "scale-sim":
-        return scale_sim(args)
+    train_mnist.check_out(train_mnist.Config(out=args.out))
+    if args.command in ("scale-sim", "toy", "natural"):
+        return SUBCOMMANDS[args.command][0](args)
     function = SUBCOMMANDS[args.command][0]
     return function(base_config(args), args)
 

@@ -6,7 +6,9 @@ metrics.py -- the evaluation networks and metrics of train_imagenet.py, in plain
   - InceptionV3 with the TF-FID weights (Heusel et al., 2017; the graph pytorch-fid ports): pool3
     features (2048) for the Frechet distance.
   - Frechet distance with the matrix square root from eigendecompositions in float64 (no scipy).
-  - PSNR and SSIM as SimVQ's evaluation reports them (see each function).
+  - PSNR and SSIM as SimVQ's evaluation reports them (see each function), `evaluate`, its whole
+    protocol over a validation loader, and its loader's way of reading, resizing and cropping
+    images (ImageFolder), which training and evaluation share.
 
 Weights: "auto" downloads the public files once with torch.hub (cached under ~/.cache/torch/hub);
 a path loads them offline; "random" keeps random weights (tests and timing only).
@@ -14,11 +16,20 @@ The architectures are written from the papers' descriptions; only the parameter 
 public weight files so those load directly.
 """
 
+import glob
 import os
+import random
+import sys
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+import nsvq
 
 WEIGHT_FILES = {  # file name -> public URL
     "vgg16-397923af.pth": "https://download.pytorch.org/models/vgg16-397923af.pth",
@@ -65,6 +76,8 @@ def load_weights(spec, name, option):
 # -----------------------------------------------------------------------------
 
 VGG16_CONFIG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+INCEPTION_FILES = ["pt_inception-2015-12-05-6726825d.pth"]
+LPIPS_FILES = ["vgg16-397923af.pth", "vgg.pth", "alexnet-owt-7be5be79.pth", "alex.pth"]
 LPIPS_NETS = {  # features, indices of the ReLUs tapped, their widths, weight files (torchvision, lin)
     "vgg": ((3, 8, 15, 22, 29), (64, 128, 256, 512, 512), "vgg16-397923af.pth", "vgg.pth"),
     "alex": ((1, 4, 7, 9, 11), (64, 192, 384, 256, 256), "alexnet-owt-7be5be79.pth", "alex.pth"),
@@ -350,3 +363,144 @@ def ssim(x, y, window=7):
     c1, c2 = 0.01 ** 2, 0.03 ** 2
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
     return s.flatten(1).mean(1)
+
+
+# -----------------------------------------------------------------------------
+# SimVQ's images: folders, reading, resizing and cropping as its loader does
+# -----------------------------------------------------------------------------
+
+class DataError(RuntimeError):
+    """The data folder is missing, empty, or not what the config expects."""
+
+
+IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+SIMVQ_SKIPPED = ("n06596364_9591.JPEG",)  # SimVQ's loader leaves this training image out
+
+
+def list_images(root, split):
+    """The sorted images of <root>/<split>/<class>/* and <root>/<split>/* (the official
+    validation archive unpacks flat; reconstruction needs no labels)."""
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise DataError(f"no folder {folder}: --data must hold train/ and val/")
+    paths = glob.glob(os.path.join(folder, "*", "*")) + glob.glob(os.path.join(folder, "*"))
+    files = sorted(p for p in paths if p.lower().endswith(IMAGE_EXTS) and os.path.isfile(p)
+                   and os.path.basename(p) not in SIMVQ_SKIPPED)
+    if not files:
+        raise DataError(f"{folder} holds no images (*.JPEG, *.png, ...), in class folders or flat")
+    return files
+
+
+def read_rgb(path):
+    """8-bit RGB; 16-bit grey is scaled (65535 -> 255), not clipped as convert("RGB") would."""
+    with Image.open(path) as img:
+        if img.mode in ("I;16", "I;16L", "I;16B", "I"):
+            levels = np.asarray(img, dtype=np.float64)
+            if levels.min() < 0 or levels.max() > 65535:
+                raise ValueError(f"{img.mode} image with values outside 0..65535")
+            img = Image.fromarray(np.round(levels / 257).astype(np.uint8), "L")
+        if img.mode == "F":
+            raise ValueError("32-bit float images are not supported")
+        return img.convert("RGB")
+
+
+def resize_and_crop(img, size, rng=None):
+    """torchvision's Resize(size) + RandomCrop(size) (rng given) or CenterCrop(size), as SimVQ:
+    Pillow's antialiased bilinear, short side to size, long to int(size * long / short)."""
+    w, h = img.size
+    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    img = img.resize(new, Image.BILINEAR) if new != (w, h) else img
+    w, h = img.size
+    if rng is None:
+        left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    else:
+        left, top = rng.randint(0, w - size), rng.randint(0, h - size)
+    return img.crop((left, top, left + size, top + size))
+
+
+class ImageFolder(Dataset):
+    """(index, epoch) -> (uint8 image (3, S, S), skipped: how many unreadable files were replaced
+    by the next one). The crop depends on (seed, epoch, index) alone: a resumed run sees the
+    same crops."""
+
+    def __init__(self, root, split, size, train, seed):
+        self.files, self.size, self.train, self.seed = list_images(root, split), size, train, seed
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        for skipped in range(min(len(self.files), 100)):
+            path = self.files[(index + skipped) % len(self.files)]
+            try:
+                img = read_rgb(path)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                print(f"warning: skipping {path}: {e}", file=sys.stderr)
+                continue
+            rng = random.Random(hash((self.seed, epoch, index))) if self.train else None
+            array = np.asarray(resize_and_crop(img, self.size, rng))
+            return torch.from_numpy(array.copy()).permute(2, 0, 1), skipped
+        raise DataError(f"{skipped + 1} unreadable images in a row from {self.files[index]}: "
+                        f"is --data right?")
+
+
+# -----------------------------------------------------------------------------
+# SimVQ's evaluation protocol
+# -----------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, loader, nets, device, stop=None):
+    """SimVQ's protocol (its evaluation.py) for an autoencoder, model(x) -> (x_hat, z_e, out),
+    over a loader of uint8 images (B, 3, S, S), in fp32 (no autocast) with TF32 off:
+    rfid      pytorch-fid's Inception features of originals and reconstructions in [0, 1],
+              the Frechet distance over all images (nets["inception"]; None: left out)
+    lpips_*   LPIPS-AlexNet and -VGG on [-1, 1], mean over images (None: left out)
+    psnr      per batch, on uint8-truncated images, averaged over batches (psnr_of_batch)
+    ssim      skimage's default SSIM per image on the same images, averaged per batch
+    l1        mean absolute error on [-1, 1]; utilization, perplexity (nsvq.codebook_stats)
+    Under DDP every rank reads its own batches and the sums are all-reduced. stop(i), if given,
+    is called before batch i (it may raise to abandon the evaluation). Returns (results, a PIL
+    image of 8 originals over their reconstructions)."""
+    was_training, tf32 = model.training, torch.backends.cudnn.allow_tf32
+    model.eval()
+    torch.backends.cudnn.allow_tf32 = False
+    sums = torch.zeros(7, dtype=torch.float64, device=device)  # images, batches, psnr, ssim, l1, alex, vgg
+    counts = torch.zeros(model.vq.codebook_size, dtype=torch.long, device=device)
+    real, fake, first = FeatureStats(2048, device), FeatureStats(2048, device), None
+    try:
+        for i, (images, _) in enumerate(loader):
+            if stop:
+                stop(i)
+            x = (images.to(device).double() / 127.5 - 1.0).float()  # as SimVQ's loader
+            x_hat, _, out = model(x)
+            x_hat = x_hat.clamp(-1, 1)
+            first = first or (x[:8].cpu(), x_hat[:8].cpu())
+            a, b = (x + 1) / 2, (x_hat + 1) / 2
+            a8, b8 = to_uint8_levels(a), to_uint8_levels(b)
+            sums += torch.stack([torch.full((), float(len(x)), device=device), torch.ones((), device=device),
+                                 psnr_of_batch(a8, b8), ssim(b8, a8).mean(), (x_hat - x).abs().flatten(1).mean(1).sum(),
+                                 *[nets[k](x, x_hat).sum() if nets[k] else torch.zeros((), device=device)
+                                   for k in ("lpips_alex", "lpips_vgg")]]).double()
+            counts += torch.bincount(out.indices.flatten(), minlength=len(counts))
+            if nets["inception"]:
+                real.add(nets["inception"](a))
+                fake.add(nets["inception"](b))
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+        model.train(was_training)
+    for t in [sums, counts] + (real.tensors() + fake.tensors() if nets["inception"] else []):
+        if dist.is_initialized():
+            dist.all_reduce(t)
+    n, batches = float(sums[0]), float(sums[1])
+    result = {"images": int(n), "psnr": float(sums[2]) / batches, "ssim": float(sums[3]) / batches,
+              "l1": float(sums[4]) / n, **nsvq.codebook_stats(counts.cpu())}
+    if nets["lpips_alex"]:
+        result.update(lpips_alex=float(sums[5]) / n, lpips_vgg=float(sums[6]) / n)
+    if nets["inception"]:
+        result["rfid"] = frechet_distance(*real.mean_cov(), *fake.mean_cov())
+    if first is None:  # this rank read no batch
+        return result, None
+    rows = ((torch.cat(first).float() + 1) / 2).clamp(0, 1)  # (16, 3, S, S)
+    grid = rows.view(2, -1, *rows.shape[1:]).permute(0, 3, 1, 4, 2).reshape(2 * rows.shape[2], -1, 3)
+    return result, Image.fromarray((grid.numpy() * 255).round().astype(np.uint8))
