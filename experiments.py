@@ -714,6 +714,10 @@ NATURAL_METHODS = {  # name -> train_imagenet options; the same preset, budget a
     "FSQ": dict(quantizer="fsq"),
     "NSVQ": dict(quantizer="nsvq"),
     "SimVQ + dense loss": dict(quantizer="simvq-ns"),
+    # NSVQ's parts one at a time: no dense loss; no stages (no freeze within 16 epochs: one
+    # stage with the GAN from step 0, as the baselines train)
+    "NSVQ, alpha 0": dict(quantizer="nsvq", alpha=0.0),
+    "NSVQ without stages": dict(quantizer="nsvq", freeze_epoch=0, patience=100),
 }
 NATURAL_KEYS = ("psnr", "ssim", "l1", "utilization", "perplexity", "seconds")
 

@@ -1034,6 +1034,11 @@ def test_imagenet_model_data_and_options_as_simvq_and_as_documented(tmp_path):
     cifar = train_imagenet.resolve(train_imagenet.make_config("cifar", data="-"))
     tokens = train_imagenet.Autoencoder(cifar).encode(torch.zeros(1, 3, 32, 32)).shape
     assert tokens == (1, 8, 8) and 64 * 64 / cifar.codebook_size == 0.5  # the paper's ratio
+    for quantizer in ("nsvq", "ste", "ema", "simvq", "simvq-ns", "fsq"):  # --usage-horizon reaches all
+        flags = train_imagenet.parse_args(["--preset", "cifar", "--data", "-", "--quantizer", quantizer])
+        assert train_imagenet.make_quantizer(flags).upkeep.usage_horizon == 8.0  # the preset's
+        flags = train_imagenet.parse_args(["--data", "-", "--quantizer", quantizer, "--usage-horizon", "3"])
+        assert train_imagenet.make_quantizer(flags).upkeep.usage_horizon == 3.0
     flags = train_imagenet.parse_args(["--preset", "tiny", "--compile", "--data", "-"])
     assert flags.compile and flags.image_size == 32 and flags.codebook_size == 256  # flags win, preset fills
     data = make_image_folder(str(tmp_path / "data"), broken=False)
@@ -1227,9 +1232,11 @@ def test_experiments_scale_sim_toy_natural_and_their_options(tmp_path, capsys):
     tiny = {k: v for k, v in ti.PRESETS["tiny"].items() if k not in ("codebook_size", "epochs")}
     with pytest.MonkeyPatch.context() as m:  # the cifar preset at a test's size
         m.setitem(ti.PRESETS, "cifar", {**ti.PRESETS["cifar"], **tiny, "batch_size": 64})
-        m.setattr(experiments, "NATURAL_METHODS", {k: experiments.NATURAL_METHODS[k] for k in ("FSQ", "NSVQ")})
+        names = ("FSQ", "NSVQ", "NSVQ without stages")
+        m.setattr(experiments, "NATURAL_METHODS", {k: experiments.NATURAL_METHODS[k] for k in names})
         runs = experiments.main(["natural", "--data", data, "--out", str(tmp_path / "nat"), "--epochs", "1"])
-    assert [r["name"] for r in runs] == ["FSQ", "NSVQ"] and all(0 < r["utilization"] <= 1 for r in runs)
+    assert [r["name"] for r in runs] == list(names) and all(0 < r["utilization"] <= 1 for r in runs)
+    assert runs[1]["stage_start"] == {"stage1": 0, "warmup": 1} and runs[2]["stage_start"] == {"stage1": 0}
     assert (tmp_path / "nat" / "natural.png").stat().st_size > 0
     for argv, error in ((["scale-sim", "--sim-steps", "5"], "--sim-steps"), (["stress", "--epochs", "0"], "--epochs"),
                         (["phases", "--only", "(unclosed"], "not a regular expression"),

@@ -69,6 +69,7 @@ class Config:
     tau_mode: str = arg("relative", "relative (ours, scale-free: EXPERIMENTS.md 3) | absolute")
     replace: Optional[bool] = arg(None, "dead-code replacement (default: nsvq only, as published)")
     replace_every: int = arg(10, "steps between replacement calls (ours: EXPERIMENTS.md 12)")
+    usage_horizon: float = arg(64.0, "usage averages over this many assignments per code (ours)")
     # losses (SimVQ's recipe)
     perceptual_weight: float = arg(1.0, "LPIPS-VGG training loss; 0 trains without it")
     gan_weight: float = arg(0.1, "generator's adversarial weight (PatchGAN, hinge critic)")
@@ -104,9 +105,9 @@ PRESETS = {
     # Ours: SimVQ's model scaled down to 32x32 images, 8x8 tokens (f4), at the paper's 0.5
     # latents per code per step (64 images x 64 tokens on K = 8,192). EXPERIMENTS.md 14.
     "cifar": dict(image_size=32, ch=32, ch_mult="1,2,2", num_res_blocks=1, dim=32,
-                  codebook_size=8192, batch_size=64, epochs=16, freeze_epoch=10,
-                  warmup_epochs=2, lr=2e-4, weight_ema=0.99, workers=2, perceptual_weight=0.0,
-                  eval_lpips=False, inception="none", log_every=20),
+                  codebook_size=8192, usage_horizon=8.0, batch_size=64, epochs=16,
+                  freeze_epoch=10, warmup_epochs=2, lr=2e-4, weight_ema=0.99, workers=2,
+                  perceptual_weight=0.0, eval_lpips=False, inception="none", log_every=20),
     "tiny": dict(image_size=32, ch=16, ch_mult="1,2", num_res_blocks=1, dim=8, codebook_size=256,
                  epochs=3, batch_size=8, freeze_epoch=1, warmup_epochs=1, gan_ramp_epochs=1,
                  workers=0, perceptual_weight=0.0, eval_lpips=False, inception="none",
@@ -192,11 +193,13 @@ class ResBlock(nn.Module):
 
 
 def make_quantizer(cfg):
-    K, D, beta, pool = cfg.codebook_size, cfg.dim, cfg.beta, None if cfg.replace else 0
-    dense = dict(alpha=cfg.alpha, tau=cfg.tau, tau_mode=cfg.tau_mode)
-    return {"ste": lambda: nsvq.VectorQuantizer(K, D, beta, buffer_size=pool),
-            "ema": lambda: nsvq.EMAVectorQuantizer(K, D, beta, buffer_size=pool),  # decay 0.99
-            "simvq": lambda: nsvq.SimVQ(K, D, beta), "fsq": lambda: nsvq.FSQ(nsvq.FSQ_LEVELS[K], D),
+    K, D, beta, H = cfg.codebook_size, cfg.dim, cfg.beta, dict(usage_horizon=cfg.usage_horizon)
+    vq = dict(H, buffer_size=None if cfg.replace else 0)
+    dense = dict(H, alpha=cfg.alpha, tau=cfg.tau, tau_mode=cfg.tau_mode)
+    return {"ste": lambda: nsvq.VectorQuantizer(K, D, beta, **vq),
+            "ema": lambda: nsvq.EMAVectorQuantizer(K, D, beta, **vq),  # decay 0.99
+            "simvq": lambda: nsvq.SimVQ(K, D, beta, **H),
+            "fsq": lambda: nsvq.FSQ(nsvq.FSQ_LEVELS[K], D, **H),
             "simvq-ns": lambda: nsvq.NSSimVQ(K, D, beta, **dense),
             "nsvq": lambda: nsvq.NSVQ(K, D, beta, **dense)}[cfg.quantizer]()
 
@@ -605,8 +608,7 @@ def resolve(cfg):
 
 
 def check_out(cfg):
-    """Refuse an --out that is a file, is not writable, or holds an earlier run (without
-    --resume or --overwrite). Creates nothing: a run refused later leaves no folder behind."""
+    """Refuse an --out that is a file, unwritable, or holds a run; creates nothing (no folder)."""
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise OutputError(f"--out {cfg.out} is a file, not a folder")
     parent = os.path.abspath(cfg.out)
@@ -629,8 +631,7 @@ def main(cfg, report=None):
     if world > 1 and report is not None:
         report.append(watch_for_failures(rank))
     if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} (global) is not divisible by {world} "
-                         f"ranks")
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {world} ranks")
     torch.backends.cuda.matmul.allow_tf32 = False  # nearest-code distances at full fp32 precision
     torch.backends.cudnn.allow_tf32 = True  # training convolutions may use TF32 (not evaluation)
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
@@ -750,8 +751,7 @@ def main(cfg, report=None):
 
 
 def new_window(trainer, device):
-    """Sums over a log interval, on the device: losses, good / bad / skipped steps, re-seeded
-    codes, code counts."""
+    """Sums over a log interval, on the device: losses, step tallies, re-seeded codes, counts."""
     return {"sums": {}, "totals": [torch.zeros((), device=device)] * 4, "steps": 0,
             "counts": torch.zeros(trainer.model.vq.codebook_size, device=device)}
 
