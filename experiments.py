@@ -736,9 +736,15 @@ def natural(args):
             print(f"\n=== {name}" + (f", seed {seed}" if args.seeds > 1 else "") + " ===", flush=True)
             out = os.path.join(args.out, safe_name(name if args.seeds == 1 else f"{name}-seed{seed}"))
             extra = {"epochs": args.epochs} if args.epochs else {}
-            cfg = train_imagenet.make_config("cifar", data=args.data, out=out, seed=seed, overwrite=True,
-                                             device=args.device, **overrides, **extra)
+            if args.resume and os.path.isdir(out) and train_imagenet.checkpoints(out):
+                extra["resume"] = "auto"  # a finished run is evaluated again, a killed one goes on
+            cfg = train_imagenet.make_config("cifar", data=args.data, out=out, seed=seed,
+                                             overwrite="resume" not in extra, device=args.device,
+                                             **overrides, **extra)
+            done = os.path.join(out, "results.json")
+            before = json.load(open(done)) if "resume" in extra and os.path.exists(done) else {}
             r = train_imagenet.main(cfg)
+            r["seconds"] = before.get("seconds", r["seconds"])  # the training's, not the re-run's
             log = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
             results.append({"name": name, "seed": seed, **r, "history": log,
                             "codes_used": [[h["step"], h["utilization"]] for h in log],
@@ -875,6 +881,8 @@ def parse_args(argv=None):
             p.add_argument("--epochs", type=positive(int), default=None, help="(default: the preset's)")
             p.add_argument("--seeds", type=positive(int), default=1, help="seeds 0 .. N-1 for every run")
             p.add_argument("--only", default="", metavar="REGEX", help="run only the runs whose name matches")
+            p.add_argument("--resume", action="store_true",
+                           help="continue the runs a killed invocation left in --out (same options)")
             continue
         if name == "scale-sim":
             p.add_argument("--sim-codes", type=positive(int), default=4096, help="K; K/2 latents per step")
@@ -951,5 +959,6 @@ if __name__ == "__main__":
     except (train_mnist.DataError, ValueError, FileNotFoundError, train_mnist.OutputError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        print("interrupted; experiments start their runs afresh each time", file=sys.stderr)
+        print("interrupted; experiments start their runs afresh (natural: --resume goes on)",
+              file=sys.stderr)
         sys.exit(130)

@@ -1235,6 +1235,10 @@ def test_experiments_scale_sim_toy_natural_and_their_options(tmp_path, capsys):
         names = ("FSQ", "NSVQ", "NSVQ without stages")
         m.setattr(experiments, "NATURAL_METHODS", {k: experiments.NATURAL_METHODS[k] for k in names})
         runs = experiments.main(["natural", "--data", data, "--out", str(tmp_path / "nat"), "--epochs", "1"])
+        again = experiments.main(["natural", "--data", data, "--out", str(tmp_path / "nat"), "--epochs", "1",
+                                  "--only", "^FSQ$", "--resume"])  # a finished run: evaluated again
+    keys = ("psnr", "steps", "seconds")  # the same weights, and the training's time kept
+    assert len(again) == 1 and [again[0][k] for k in keys] == [runs[0][k] for k in keys]
     assert [r["name"] for r in runs] == list(names) and all(0 < r["utilization"] <= 1 for r in runs)
     assert runs[1]["stage_start"] == {"stage1": 0, "warmup": 1} and runs[2]["stage_start"] == {"stage1": 0}
     assert (tmp_path / "nat" / "natural.png").stat().st_size > 0
