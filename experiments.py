@@ -741,11 +741,9 @@ def natural(args):
             cfg = train_imagenet.make_config("cifar", data=args.data, out=out, seed=seed,
                                              overwrite="resume" not in extra, device=args.device,
                                              **overrides, **extra)
-            done = os.path.join(out, "results.json")
-            before = json.load(open(done)) if "resume" in extra and os.path.exists(done) else {}
-            r = train_imagenet.main(cfg)
-            r["seconds"] = before.get("seconds", r["seconds"])  # the training's, not the re-run's
+            r = train_imagenet.main(cfg)  # seconds: the training's, over its sessions
             log = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+            log = list({h["step"]: h for h in log}.values())  # a resume logs again: keep the last
             results.append({"name": name, "seed": seed, **r, "history": log,
                             "codes_used": [[h["step"], h["utilization"]] for h in log],
                             "checkpoint": train_imagenet.checkpoints(out)[-1]})

@@ -150,8 +150,7 @@ class EpochSampler(Sampler):
 
 def ignore_stop_signals(worker_id):
     """Loader workers ignore SIGTERM and SIGINT. Failure it prevents: torchrun and SLURM signal
-    the whole process group, a worker dies of it, and the rank raises "DataLoader worker killed"
-    before it has saved. So the rank saves and exits, and then its workers are shut down."""
+    the process group, and a worker killed by it makes the rank raise before it has saved."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -652,15 +651,15 @@ def main(cfg, report=None):
     schedule = nsvq.StageSchedule(cfg.patience if staged else None,
                                   staged and cfg.freeze_epoch or None, cfg.warmup_epochs,
                                   cfg.gan_ramp_epochs, gan_stage1=cfg.gan_stage1 or not staged)
-    state = {"epoch": 0, "batch": 0, "step": 0, "bad_steps": 0}
+    state = {"epoch": 0, "batch": 0, "step": 0, "bad_steps": 0, "seconds": 0.0}
     commit = torch.zeros(2, device=device)  # this rank's commitment-loss sum and count this epoch
     if cfg.resume:
         path = cfg.resume if cfg.resume != "auto" else (checkpoints(cfg.out) or [None])[-1]
         if path is None:
             raise FileNotFoundError(f"--resume auto: no checkpoint in {cfg.out}")
         state, commit = restore(path, trainer, schedule, rank, world, device)
-        log(f"resumed from {path}: epoch {state['epoch']}, batch {state['batch']}, "
-            f"{schedule.stage}")
+        log(f"resumed {path}: epoch {state['epoch']}, batch {state['batch']}, {schedule.stage}")
+    earlier = state.setdefault("seconds", 0.0)  # the run's earlier sessions (older files: 0)
 
     # Setup data
     val_loader = make_loader(cfg, "val", rank, world, train=False)
@@ -676,7 +675,8 @@ def main(cfg, report=None):
     def stop_now(i):  # evaluation's check before batch i
         if i < polls and control.poll()[0]:
             raise Stopped()
-    def save(tag=""):
+    def save(tag=""):  # the wall time to this checkpoint, summed over the run's sessions
+        state["seconds"] = earlier + time.time() - t_start
         return save_checkpoint(cfg, trainer, schedule, state, commit, world, device, log, tag)
     try:
         # Training loop
@@ -708,10 +708,9 @@ def main(cfg, report=None):
                     bad_steps = log_line(cfg, state, schedule, window, trainer, t_log, world, log)
                     state["bad_steps"] += int(bad_steps)
                     if bad_steps == window["steps"]:  # the same on every rank: all stop here
-                        raise FloatingPointError(
-                            f"every step of the last {cfg.log_every} had non-finite gradients and "
-                            f"was skipped (up to step {state['step']}); the checkpoints in "
-                            f"{cfg.out} hold the last good weights")
+                        raise FloatingPointError(f"every step of the last {cfg.log_every} had "
+                            f"non-finite gradients and was skipped (up to step {state['step']}); "
+                            f"the checkpoints in {cfg.out} hold the last good weights")
                     window, t_log = new_window(trainer, device), time.time()
                 signum, due = control.poll()
                 if signum:
@@ -732,10 +731,11 @@ def main(cfg, report=None):
                 save(f"(entering {schedule.stage})")
 
         # Save and evaluate
-        save("(final)")
+        if steps_this_run:  # a finished run, resumed, is evaluated again
+            save("(final)")
         result, pair = metrics.evaluate(trainer.ema, val_loader, nets, device, stop_now)
         result.update(stage_start=schedule.stage_start, bad_steps=state["bad_steps"],
-                      steps=state["step"], seconds=time.time() - t_start)
+                      steps=state["step"], seconds=state["seconds"])
         log(json.dumps(result))
         if rank == 0:
             write_atomic(f"{cfg.out}/results.json", lambda t: json.dump(result, open(t, "w")))
