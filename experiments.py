@@ -29,6 +29,7 @@ import re
 import statistics
 import sys
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -101,7 +102,7 @@ class Probe:
         model.train()
         zr, zqr = nsvq.to_rows(z, model.vq.dim), nsvq.to_rows(out.z_q, model.vq.dim)  # (N, D)
         counts = torch.bincount(out.indices.flatten().cpu(), minlength=model.vq.codebook_size)
-        record = {"utilization": nsvq.codebook_stats(counts)["utilization"],
+        record = {"utilization": metrics.codebook_stats(counts)["utilization"],
                   "mse": float(F.mse_loss(x_hat, images)),
                   "drift": float((z - self.previous[0]).pow(2).mean().sqrt()) if self.previous else 0.0,
                   "churn": float((out.indices != self.previous[1]).float().mean()) if self.previous else 0.0,
@@ -644,7 +645,7 @@ def simulate(method, speed, args, seed=0):
         sums["error"] += float(error / z.var(0).sum())
         sums["mass"] += float(out.diagnostics.get("kernel_mass", float("nan")))
         if (step + 1) % 20 == 0:
-            health = nsvq.codebook_stats(window)
+            health = metrics.codebook_stats(window)
             curves.append({"step": step + 1, "utilization": health["utilization"],
                            "perplexity": health["perplexity"], "rel_error": sums["error"] / 20,
                            "kernel_mass": sums["mass"] / 20,
@@ -714,55 +715,148 @@ NATURAL_METHODS = {  # name -> train_imagenet options; the same preset, budget a
     "FSQ": dict(quantizer="fsq"),
     "NSVQ": dict(quantizer="nsvq"),
     "SimVQ + dense loss": dict(quantizer="simvq-ns"),
-    # NSVQ's parts one at a time: no dense loss; no stages (no freeze within 16 epochs: one
-    # stage with the GAN from step 0, as the baselines train)
+    # NSVQ's parts one at a time: no dense loss; no stages (one stage, as the baselines train)
     "NSVQ, alpha 0": dict(quantizer="nsvq", alpha=0.0),
     "NSVQ without stages": dict(quantizer="nsvq", freeze_epoch=0, patience=100),
 }
+# How the preset was chosen (NSVQ, seed 0): the critic, the learning rate, the upsampling's
+# initialisation, and the same network with no quantizer (the ceiling at this budget).
+NATURAL_ABLATION = {
+    "continuous (no quantizer)": dict(quantizer="ste", replace=False, gan_weight=0.0,
+                                      model="continuous"),
+    "NSVQ, no critic": dict(gan_weight=0.0),
+    "NSVQ, critic in stage 2": dict(gan_weight=0.1, gan_stage1=False),
+    "NSVQ, no critic, lr 6e-4": dict(gan_weight=0.0, lr=6e-4),
+    "NSVQ, no critic, ICNR upsampling": dict(gan_weight=0.0, model="icnr"),
+    "NSVQ, critic from step 0": dict(gan_weight=0.1, gan_stage1=True),
+}
 NATURAL_KEYS = ("psnr", "ssim", "l1", "utilization", "perplexity", "seconds")
+RUN_ONLY = ("data", "out", "overwrite", "resume", "device", "workers", "log_every", "eval_every",
+            "eval_images", "ckpt_minutes", "timeout_minutes", "max_steps")  # not the training
+
+
+class Continuous(nsvq.VectorQuantizer):
+    """No quantizer: z_q = z_e, one "code" (the ceiling of the same network at this budget)."""
+
+    def __init__(self, dim):
+        super().__init__(1, dim, buffer_size=0)
+
+    def forward(self, z_e):
+        indices = torch.zeros(z_e.shape[0], *z_e.shape[2:], dtype=torch.long, device=z_e.device)
+        return nsvq.QuantizerOutput(z_e, indices, {}, {})
+
+
+def icnr_(conv, factor=2):
+    """ICNR (Aitken et al., 2017): the conv before a pixel shuffle starts as one conv repeated
+    for the factor^2 sub-pixels, so the upsampled output starts free of checkerboard."""
+    weight = conv.weight.detach()
+    with torch.no_grad():
+        conv.weight.copy_(weight[::factor ** 2].repeat_interleave(factor ** 2, 0))
+
+
+def natural_model(variant):
+    """train_imagenet.Autoencoder, or its variant for the ablation (None: the script's own)."""
+    import train_imagenet
+
+    class Variant(train_imagenet.Autoencoder):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            if variant == "continuous":
+                self.vq = Continuous(cfg.dim)
+            for i, m in enumerate(self.decoder):
+                if variant == "icnr" and isinstance(m, torch.nn.PixelShuffle):
+                    icnr_(self.decoder[i - 1])
+    return Variant if variant else train_imagenet.Autoencoder
+
+
+def natural_run(name, seed, overrides, args):
+    """One run's summary: read back if a finished run with the same options exists (in
+    --summaries, or its folder in --out), else trained (continued with --resume)."""
+    import train_imagenet
+    overrides = dict(overrides)
+    variant = overrides.pop("model", None)
+    tag = safe_name(name if args.seeds == 1 else f"{name}-seed{seed}")
+    out, summary_path = os.path.join(args.out, tag), os.path.join(args.summaries, tag + ".json")
+    extra = {"epochs": args.epochs} if args.epochs else {}
+    cfg = train_imagenet.resolve(train_imagenet.make_config(
+        "cifar", data=args.data, out=out, seed=seed, device=args.device, **overrides, **extra))
+    key = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY}
+    key["model"] = variant
+    if os.path.exists(summary_path) and json.load(open(summary_path))["config"] == key:
+        print(f"=== {name}, seed {seed}: finished ({summary_path})")
+        return json.load(open(summary_path))
+    print(f"\n=== {name}, seed {seed} ===", flush=True)
+    done = os.path.join(out, "results.json")
+    ckpts = train_imagenet.checkpoints(out) if os.path.isdir(out) else []
+    saved = train_imagenet.load_checkpoint(ckpts[-1])["config"] if ckpts else {}
+    same = saved and {k: v for k, v in saved.items() if k not in RUN_ONLY} == \
+        {k: v for k, v in key.items() if k != "model"}
+    with patched(train_imagenet, "Autoencoder", natural_model(variant)):
+        if same and os.path.exists(done):
+            r = json.load(open(done))  # a finished run of these options: read back
+        else:
+            resume = "auto" if args.resume and same else ""
+            r = train_imagenet.main(dataclasses.replace(cfg, resume=resume, overwrite=not resume))
+    path = os.path.join(out, "metrics.jsonl")  # absent if the run was shorter than a log interval
+    log = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    log = list({h["step"]: h for h in log if "eval" not in h}.values())  # resumes log again
+    summary = {"name": name, "seed": seed, **{k: r[k] for k in NATURAL_KEYS},
+               "stage_start": r["stage_start"], "steps": r["steps"], "config": key,
+               "codes_used": [[h["step"], round(h["utilization"], 4)] for h in log],
+               "l1_train": [[h["step"], round(h["l1"], 4)] for h in log]}
+    os.makedirs(args.summaries, exist_ok=True)
+    write_json_atomic(summary, summary_path)
+    return {**summary, "checkpoint": train_imagenet.checkpoints(out)[-1], "model": variant}
+
+
+class patched:
+    """setattr(obj, name, value) for the duration of a with block."""
+
+    def __init__(self, obj, name, value):
+        self.obj, self.name, self.value = obj, name, value
+
+    def __enter__(self):
+        self.old = getattr(self.obj, self.name)
+        setattr(self.obj, self.name, self.value)
+
+    def __exit__(self, *exc):
+        setattr(self.obj, self.name, self.old)
 
 
 def natural(args):
-    """Every method of NATURAL_METHODS through train_imagenet.py's cifar preset (32x32 images,
-    8x8 tokens, K = 8,192, the paper's 0.5 latents per code per step) on --data's train/, scored
-    on its val/: the table, the codes used over training, real images and each reconstruction."""
+    """Every run of --arms (verdict: NATURAL_METHODS; ablation: NATURAL_ABLATION) through
+    train_imagenet.py's cifar preset (32x32 images, 8x8 tokens, K = 8,192, the paper's 0.5
+    latents per code per step) on --data's train/, scored on its val/. Each finished run's
+    summary goes to --summaries at once, and a second invocation skips it; the table and the
+    figure (real images and each reconstruction, codes used over training) are built from the
+    finished runs whose checkpoints are at hand."""
     import train_imagenet
-    runs = [(n, o) for n, o in NATURAL_METHODS.items() if not args.only or re.search(args.only, n)]
+    for split in ("train", "val"):  # a wrong --data stops here, before any run
+        metrics.list_images(args.data, split)
+    arms = NATURAL_ABLATION if args.arms == "ablation" else NATURAL_METHODS
+    runs = [(n, o) for n, o in arms.items() if not args.only or re.search(args.only, n)]
     if not runs:
         raise ValueError(f"--only {args.only!r} matches none of this subcommand's runs")
-    results = []
-    for name, overrides in runs:
-        for seed in range(args.seeds):
-            print(f"\n=== {name}" + (f", seed {seed}" if args.seeds > 1 else "") + " ===", flush=True)
-            out = os.path.join(args.out, safe_name(name if args.seeds == 1 else f"{name}-seed{seed}"))
-            extra = {"epochs": args.epochs} if args.epochs else {}
-            if args.resume and os.path.isdir(out) and train_imagenet.checkpoints(out):
-                extra["resume"] = "auto"  # a finished run is evaluated again, a killed one goes on
-            cfg = train_imagenet.make_config("cifar", data=args.data, out=out, seed=seed,
-                                             overwrite="resume" not in extra, device=args.device,
-                                             **overrides, **extra)
-            r = train_imagenet.main(cfg)  # seconds: the training's, over its sessions
-            log = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-            log = list({h["step"]: h for h in log}.values())  # a resume logs again: keep the last
-            results.append({"name": name, "seed": seed, **r, "history": log,
-                            "codes_used": [[h["step"], h["utilization"]] for h in log],
-                            "checkpoint": train_imagenet.checkpoints(out)[-1]})
+    results = [natural_run(name, seed, overrides, args)
+               for name, overrides in runs for seed in range(args.seeds)]
     rows = report(results, NATURAL_KEYS)
     plt = pyplot()
     val = metrics.ImageFolder(args.data, "val", 32, False, 0)
-    images = torch.stack([val[(i, 0)][0] for i in range(0, len(val), len(val) // 8)][:8])  # all classes
+    step = max(1, len(val) // 8)
+    images = torch.stack([val[(i, 0)][0] for i in range(0, len(val), step)][:8])  # all classes
     x = (images.double() / 127.5 - 1).float()
-    firsts = [r for r in results if r["seed"] == 0]
+    firsts = [r for r in results if r["seed"] == 0 and os.path.exists(r.get("checkpoint", ""))]
     fig = plt.figure(figsize=(13, 2.2 + 0.9 * (len(firsts) + 1)))
-    grid = fig.add_gridspec(len(firsts) + 1, 2, width_ratios=(1, 1.1))
+    grid = fig.add_gridspec(len(firsts) + 1, 2, width_ratios=(len(x) / 8, 1.1))
     curve = fig.add_subplot(grid[:, 1])
     for row, r in enumerate([None] + firsts):
         if r is None:
             shown, label = x, "val images"
         else:
-            shown, label = train_imagenet.load_autoencoder(r["checkpoint"])(x)[0].clamp(-1, 1), r["name"]
-            steps = [h["step"] for h in r["history"]]
-            curve.plot(steps, [h["utilization"] for h in r["history"]], label=r["name"])
+            with patched(train_imagenet, "Autoencoder", natural_model(r["model"])):
+                model = train_imagenet.load_autoencoder(r["checkpoint"])
+            shown, label = model(x)[0].clamp(-1, 1), r["name"]
+            curve.plot(*zip(*r["codes_used"]), label=r["name"])
         ax = fig.add_subplot(grid[row, 0])
         ax.imshow(((shown.detach() + 1) / 2).permute(2, 0, 3, 1).reshape(32, -1, 3).clamp(0, 1).numpy())
         ax.set(xticks=[], yticks=[])
@@ -770,7 +864,7 @@ def natural(args):
     curve.set(xlabel="step", ylabel="codes used in the last 20 steps", ylim=(0, 1.02))
     curve.legend(fontsize=7)
     fig.tight_layout()
-    save(results, rows, args.out, "natural", fig)
+    save(results, rows, args.out, "natural" if args.arms == "verdict" else "natural_ablation", fig)
     return results
 
 
@@ -813,7 +907,7 @@ def toy_run(method, scenario, steps=1500, K=64):
             nsvq.reset_adam_state_(opt, vq.embedding, vq.replace_dead_codes_())
         if step % 25 == 0 or step == steps - 1:
             probe = nsvq.nearest_code(toy_data(scenario, t, 4096, gen), vq.codebook)
-            usage.append((t, nsvq.codebook_stats(torch.bincount(probe, minlength=K))["utilization"]))
+            usage.append((t, metrics.codebook_stats(torch.bincount(probe, minlength=K))["utilization"]))
     return vq.codebook.detach(), usage
 
 
@@ -852,7 +946,7 @@ SUBCOMMANDS = {  # name -> (function, default epochs per run, one line of help)
     "plateau": (plateau, 60, "NSVQ frozen by the plateau trigger only"),
     "scale-sim": (scale_sim, None, "K = 4,096 codes on 2,048 drifting latents per step, no encoder"),
     "toy": (toy, None, "2-D codebooks on moving blobs: the README's first figure (about 20 s)"),
-    "natural": (natural, None, "7 methods on real photographs: train_imagenet.py --preset cifar"),
+    "natural": (natural, None, "every method on real photographs: train_imagenet.py --preset cifar"),
 }
 
 
@@ -881,6 +975,10 @@ def parse_args(argv=None):
             p.add_argument("--only", default="", metavar="REGEX", help="run only the runs whose name matches")
             p.add_argument("--resume", action="store_true",
                            help="continue the runs a killed invocation left in --out (same options)")
+            p.add_argument("--arms", choices=("verdict", "ablation"), default="verdict",
+                           help="verdict: every method; ablation: how the preset was chosen")
+            p.add_argument("--summaries", default=None, metavar="DIR",
+                           help="where each finished run's summary goes (default: --out)")
             continue
         if name == "scale-sim":
             p.add_argument("--sim-codes", type=positive(int), default=4096, help="K; K/2 latents per step")
@@ -920,6 +1018,8 @@ def parse_args(argv=None):
     if args.command not in ("scale-sim", "toy", "natural") and args.epochs is None:
         # 8 epochs at the paper's ratio: 1,000 steps, past the recovery at step ~780, within 15 minutes
         args.epochs = 8 if getattr(args, "paper_ratio", False) else SUBCOMMANDS[args.command][1]
+    if args.command == "natural":
+        args.summaries = args.summaries or args.out
     if getattr(args, "only", ""):
         try:
             re.compile(args.only)
@@ -937,7 +1037,8 @@ def parse_args(argv=None):
 
 def base_config(args):
     """train_mnist's Config for these runs: no GAN unless a subcommand asks for it, checked."""
-    base = train_mnist.Config(data=args.data, download=args.download, device=args.device, gan=False)
+    base = train_mnist.Config(data=args.data, download=args.download, device=args.device,
+                              gan=False, overwrite=True)  # a run is repeated afresh
     train_mnist.resolve(base)  # a bad --device or data folder stops here, before any run
     return base
 
@@ -952,11 +1053,17 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import train_imagenet
     try:
         main()
-    except (train_mnist.DataError, ValueError, FileNotFoundError, train_mnist.OutputError) as e:
+    except (train_mnist.DataError, metrics.DataError, ValueError, FileNotFoundError,
+            train_mnist.OutputError, train_imagenet.OutputError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         print("interrupted; experiments start their runs afresh (natural: --resume goes on)",
               file=sys.stderr)
         sys.exit(130)
+    except Exception:  # as train_imagenet.cli: loader workers ignore SIGTERM; exit at once
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)

@@ -71,6 +71,17 @@ def load_weights(spec, name, option):
         raise WeightsError(f"{option} {spec}: {path} is not a readable weights file ({type(e).__name__})") from None
 
 
+@torch.no_grad()
+def codebook_stats(counts):
+    """From assignment counts (K,) over an evaluation set: utilization (share of codes used),
+    perplexity exp(-sum_j p_j log p_j) (K when uniform), dead_codes (never used)."""
+    p = counts.double() / counts.sum().clamp(min=1)
+    used = int((counts > 0).sum())
+    return {"utilization": used / len(counts), "dead_codes": len(counts) - used,
+            "perplexity": float((-(p * p.clamp(min=1e-30).log()).sum()).exp())}
+
+
+
 # -----------------------------------------------------------------------------
 # LPIPS (VGG16 or AlexNet features)
 # -----------------------------------------------------------------------------
@@ -449,6 +460,20 @@ class ImageFolder(Dataset):
 # SimVQ's evaluation protocol
 # -----------------------------------------------------------------------------
 
+def load_networks(cfg, device):
+    """train_imagenet.py's (LPIPS-VGG for the loss or None, evaluation networks) at start-up:
+    missing weights stop the run before its first step, naming the option that fixes it."""
+    if cfg.perceptual_weight > 0 and cfg.lpips_weights == "random":
+        raise ValueError("--lpips-weights random is for tests and timing, no perceptual loss: "
+                         "pass the LPIPS files, or --perceptual-weight 0")
+    lpips = lambda net: LPIPS(net, cfg.lpips_weights).to(device)  # noqa: E731
+    vgg = lpips("vgg") if cfg.perceptual_weight > 0 or cfg.eval_lpips else None
+    inception = InceptionFID(cfg.inception).to(device) if cfg.inception != "none" else None
+    nets = {"inception": inception, "lpips_vgg": vgg if cfg.eval_lpips else None,
+            "lpips_alex": lpips("alex") if cfg.eval_lpips else None}
+    return (vgg if cfg.perceptual_weight > 0 else None), nets
+
+
 @torch.no_grad()
 def evaluate(model, loader, nets, device, stop=None):
     """SimVQ's protocol (its evaluation.py) for an autoencoder, model(x) -> (x_hat, z_e, out),
@@ -458,7 +483,7 @@ def evaluate(model, loader, nets, device, stop=None):
     lpips_*   LPIPS-AlexNet and -VGG on [-1, 1], mean over images (None: left out)
     psnr      per batch, on uint8-truncated images, averaged over batches (psnr_of_batch)
     ssim      skimage's default SSIM per image on the same images, averaged per batch
-    l1        mean absolute error on [-1, 1]; utilization, perplexity (nsvq.codebook_stats)
+    l1        mean absolute error on [-1, 1]; utilization, perplexity (codebook_stats)
     Under DDP every rank reads its own batches and the sums are all-reduced. stop(i), if given,
     is called before batch i (it may raise to abandon the evaluation). Returns (results, a PIL
     image of 8 originals over their reconstructions)."""
@@ -494,7 +519,7 @@ def evaluate(model, loader, nets, device, stop=None):
             dist.all_reduce(t)
     n, batches = float(sums[0]), float(sums[1])
     result = {"images": int(n), "psnr": float(sums[2]) / batches, "ssim": float(sums[3]) / batches,
-              "l1": float(sums[4]) / n, **nsvq.codebook_stats(counts.cpu())}
+              "l1": float(sums[4]) / n, **codebook_stats(counts.cpu())}
     if nets["lpips_alex"]:
         result.update(lpips_alex=float(sums[5]) / n, lpips_vgg=float(sums[6]) / n)
     if nets["inception"]:

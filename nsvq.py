@@ -10,7 +10,6 @@ quantization error grows, and the straight-through gradient feeds it back into t
   2. codebook replacement: codes that stop being used are re-seeded         (section 4)
   3. stage-wise training: once the commitment loss stops falling the encoder is frozen, a
      warm-up fits codebook and decoder, then the adversarial loss returns  (section 5)
-Measured here (README): replacement does the work; the dense loss added nothing measurable.
 
 Notation (paper -> code -> shape):
     K, D     codebook_size, dim    number of codes, code dimension
@@ -32,25 +31,27 @@ from the device, so it compiles and runs under DDP. Every state change and every
 lives in `update_` and `replace_dead_codes_` (no grad; called after optimizer.step()), which
 keep every rank's quantizer bitwise identical and never wait for the device either.
 
-Where each part is called (train_mnist.py is this loop around a model):
+Where each part is called (the README's loop, tested the same; train_mnist.py re-seeds every step):
 
-    vq, schedule = NSVQ(codebook_size=1024, dim=16), StageSchedule(patience=10)
-    for epoch in range(epochs):
-        encoder.requires_grad_(schedule.encoder_trainable)     # part 3: frozen after stage 1
-        vq.dense = schedule.dense_loss                         # part 1: in stage 1
+    for epoch in range(4):
+        encoder.requires_grad_(schedule.encoder_trainable)  # part 3: frozen after stage 1
+        vq.dense = schedule.dense_loss                      # part 1: stage 1 only
         commit = []
         for step, x in enumerate(batches):
-            z_e = encoder(x)
-            out = vq(z_e)                                      # QuantizerOutput
-            losses = {"rec": F.mse_loss(decoder(out.z_q), x), **out.losses}
-            if not schedule.commitment:                        # the encoder no longer moves
-                losses.pop("commit")
-            opt.zero_grad(); sum(losses.values()).backward(); opt.step()
-            vq.update_(z_e.detach(), out.indices)              # usage, the latent pool
-            if schedule.replacement and step % 10 == 0:        # part 2
-                reset_adam_state_(opt, vq.embedding, vq.replace_dead_codes_())
-            commit.append(float(out.losses["commit"].detach()))
-        schedule.end_epoch(epoch, sum(commit) / len(commit))   # part 3: the epoch mean
+            z_e = encoder(x)                                # (B, D, H, W), channel first
+            out = vq(z_e)                                   # QuantizerOutput
+            losses = {"rec": (decoder(out.z_q) - x).pow(2).mean(), **out.losses}
+            if not schedule.commitment:                     # the encoder no longer moves
+                losses.pop("commit", None)
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            opt.step()
+            vq.update_(z_e.detach(), out.indices)           # after the step: usage, latent pool
+            if schedule.replacement and vq.reseeds and step % 10 == 0:  # part 2, stage 1
+                reseeded = vq.replace_dead_codes_()         # (K,) mask of the re-seeded codes
+                nsvq.reset_adam_state_(opt, vq.embedding, reseeded)  # no stale momentum
+            commit.append(float(out.losses.get("commit", 0.0)))
+        schedule.end_epoch(epoch, sum(commit) / len(commit))  # part 3: the epoch MEAN
 """
 
 import copy
@@ -122,6 +123,7 @@ class VectorQuantizer(nn.Module):
     """
 
     codebook_by_gradient = True  # EMAVectorQuantizer moves its codes in update_ instead
+    reseeds = property(lambda self: len(self.upkeep.latent_pool) > 0)  # not SimVQ, FSQ: no pool
 
     def __init__(self, codebook_size, dim, beta=0.25, usage_horizon=64.0, buffer_size=None,
                  chunk_size=None):
@@ -129,6 +131,8 @@ class VectorQuantizer(nn.Module):
         check_count("codebook_size", codebook_size, 1)
         check_count("dim", dim, 1)
         check_number("beta", beta, low=0)
+        if chunk_size is not None:
+            check_count("chunk_size", chunk_size, 1)
         self.codebook_size, self.dim, self.beta = codebook_size, dim, beta
         self.chunk_size = chunk_size
         self.upkeep = CodebookUpkeep(codebook_size, dim, usage_horizon, buffer_size)
@@ -170,8 +174,7 @@ class VectorQuantizer(nn.Module):
         """After update_: re-seed the codes used below threshold / K (part 2), live ones untouched;
         the (K,) mask of re-seeded codes (for reset_adam_state_)."""
         if not len(self.upkeep.latent_pool):
-            raise NotImplementedError(f"{type(self).__name__} keeps no latent pool (buffer_size "
-                                      "0): it has nothing to re-seed codes from")
+            raise NotImplementedError(f"{type(self).__name__} keeps no latent pool to re-seed from")
         mask, new = self.upkeep.reseed_(self.codebook.detach(), threshold)
         self.write_codes_(mask, new)
         return mask
@@ -225,10 +228,10 @@ def dense_loss(z, codebook, indices, tau, tau_mode="absolute", chunk_size=None):
         stats = z.new_zeros(K, D + 2)  # [S | W | C]
         rows = chunk_rows(K, D, z.device, chunk_size)
         for i in range(0, N, rows):
-            logits = torch.addmm(-c_sg.pow(2).sum(1), z[i:i + rows], c_sg.T, alpha=2) / tau
-            # exp of at least -60: smaller weights change nothing, and the subnormal floats of a
-            # narrow kernel made the CPU's matrix product ~20x slower (EXPERIMENTS.md, 10).
-            e = (logits - logits.amax(1, keepdim=True)).clamp_(min=-60.0).exp_()  # (n, K)
+            logits = torch.addmm(-c_sg.pow(2).sum(1), z[i:i + rows], c_sg.T, alpha=2)  # (n, K)
+            # max subtracted before / T: finite at any T > 0. exp >= -60: smaller weights change
+            # nothing, and subnormals made the CPU's matrix product ~20x slower (EXPERIMENTS 10)
+            e = ((logits - logits.amax(1, keepdim=True)) / tau).clamp_(min=-60.0).exp_()
             w = e.div_(e.sum(1, keepdim=True))  # the softmax over all K codes
             w.scatter_(1, indices[i:i + rows, None], 0.0)  # the winner's own term is excluded
             stats.addmm_(w.T, z_aug[i:i + rows])
@@ -247,8 +250,8 @@ class NSVQ(VectorQuantizer):
     "kernel_mass" (mean_i sum_{j != q_i} w_ij: near 0 the kernel is one-hot and the term does
     nothing, near 1 the winner gets almost no share) and "tau" (the T used). The term is on while
     self.dense and self.training (the loop sets vq.dense); else "ns" is 0 and diagnostics empty.
-    Under Adam a code moves by about its learning rate per step whatever its gradient, so this
-    term alone cannot keep a slow codebook up (EXPERIMENTS.md, 7): replacement catches the rest.
+    Under Adam a code moves by about its learning rate per step whatever its gradient: this term
+    alone cannot keep a slow codebook up (EXPERIMENTS.md, 7); replacement catches the rest.
     """
 
     def __init__(self, codebook_size, dim, beta=0.25, alpha=0.1, tau=0.35, tau_mode="absolute",
@@ -289,15 +292,14 @@ class CodebookUpkeep(nn.Module):
         u_j <- u_j + w (n_j / n - u_j),   w = min(1, n / (K * usage_horizon))
         dead: u_j < threshold / K
 
-    n_j: latents won by code j in this call, all ranks. w = n / (K H) makes u average the last
-    H *expected assignments per code*, so "dead" means the same at any batch, world size and K
-    (unused, a code dies after ln(1/threshold) H = 295: 48 steps on MNIST, 590 at the paper's
-    scale). Never-seeded codes are replaced whatever their usage: the first calls seed the
-    codebook (every 10 steps measured better than every step, EXPERIMENTS.md 12). New codes come
-    from a pool of buffer_size recent latents (None: K), a quarter renewed per call from every
-    rank (the authors' earlier code; the paper's live codes + noise measured worse), each handed
-    out once and none a copy of a code or candidate (flat image regions encode to identical
-    latents; a copy never wins). Shapes are fixed: nothing here waits for the device.
+    n_j: latents won by code j in this call, all ranks. u averages the last H *expected
+    assignments per code*: "dead" means the same at any batch, world size and K (unused, a code
+    dies after ln(1/threshold) H = 295: 48 steps on MNIST, 590 at the paper's scale). Never-seeded
+    codes are replaced whatever their usage (the first calls seed the codebook: EXPERIMENTS.md
+    12). New codes come from a pool of buffer_size recent latents (None: K), a quarter renewed
+    per call from every rank (the authors' earlier code; the paper's live codes + noise measured
+    worse), each handed out once, none a copy of a code or candidate (flat regions encode to
+    identical latents). Fixed shapes: nothing here waits for the device.
     """
 
     def __init__(self, codebook_size, dim, usage_horizon=64.0, buffer_size=None):
@@ -372,17 +374,18 @@ class CodebookUpkeep(nn.Module):
         sorted_keys, order = torch.sort(keys, stable=True)
         repeat = torch.zeros_like(self.pool_fresh)
         repeat[order[1:]] = sorted_keys[1:] == sorted_keys[:-1]
-        return self.pool_fresh & ~repeat & ~torch.isin(keys, key(codebook))
+        code_keys = torch.sort(key(codebook)).values  # torch.isin would read the device twice
+        hit = code_keys[torch.searchsorted(code_keys, keys).clamp(max=len(code_keys) - 1)] == keys
+        return self.pool_fresh & ~repeat & ~hit
 
 
 @torch.no_grad()
 def reset_adam_state_(optimizer, param, mask):
     """Zero Adam's moments (Adam, AdamW, amsgrad) in the rows of param that mask (K,) marks:
     a re-seeded code should not inherit the momentum of the dead code it replaces."""
-    state = optimizer.state.get(param, {})
-    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-        if key in state:
-            state[key].masked_fill_(mask[:, None], 0.0)
+    for key, moment in optimizer.state.get(param, {}).items():
+        if key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            moment.masked_fill_(mask[:, None], 0.0)
 
 
 # -----------------------------------------------------------------------------
@@ -400,8 +403,8 @@ class StageSchedule:
 
     Stage 1 ends after an epoch if the epoch-mean commitment loss made no new best for
     `patience` epochs, or after epoch freeze_epoch - 1 (both None: one stage, as the baselines
-    train). The paper's: the trigger, patience 10, the warm-up's contents, the 2-epoch ramp;
-    ours: freeze_epoch, the warm-up's length. Given the all-ranks mean, all ranks move together.
+    train). The paper's: the trigger, patience 10, the warm-up's contents, the 2-epoch ramp; ours:
+    freeze_epoch, the warm-up's length. Given the all-ranks mean, all ranks move together.
     """
 
     STATE = ("stage", "best", "epochs_since_best", "stage_start")  # what a checkpoint keeps
@@ -420,9 +423,8 @@ class StageSchedule:
 
     def end_epoch(self, epoch, commit_loss):
         """Record the finished epoch `epoch` (0-based); True if the stage changed."""
-        commit_loss = float(commit_loss)
-        if not math.isfinite(commit_loss):
-            raise ValueError(f"commit_loss must be finite, got {commit_loss}")
+        check_count("epoch", epoch, 0)
+        check_number("commit_loss", float(commit_loss))
         before, done = self.stage, epoch + 1
         if self.stage == "stage1":
             if commit_loss < self.best:
@@ -445,6 +447,7 @@ class StageSchedule:
 
     def gan_weight(self, epoch_float):
         """Adversarial weight in [0, 1] at a fractional epoch (epoch + step / steps)."""
+        check_number("epoch_float", epoch_float, low=0)
         if self.stage == "stage1":
             return 1.0 if self.gan_stage1 else 0.0
         if self.stage == "warmup" or self.gan_ramp_epochs == 0:
@@ -457,6 +460,7 @@ class StageSchedule:
     def load_state_dict(self, state):
         if set(self.STATE) - set(state):
             raise ValueError(f"schedule state is missing {sorted(set(self.STATE) - set(state))}")
+        check_choice("stage", state["stage"], ("stage1", "warmup", "stage2"))
         for key in self.STATE:
             setattr(self, key, copy.copy(state[key]))
 
@@ -472,8 +476,8 @@ class EMAVectorQuantizer(VectorQuantizer):
         sum_j     <- decay * sum_j     + (1 - decay) * sum_{q_i = j} z_i
         c_j = sum_j / smoothed_j,   smoothed = (cluster + eps) / (n + K eps) * n   (Laplace)
 
-    No codebook gradient or "codebook" key. decay is per call, so its memory depends on the
-    scale: 0.8 beats 0.99 on MNIST; at 0.5 latents per code per step codes starve (EXPERIMENTS 4).
+    No "codebook" loss. decay is per call: 0.8 beats 0.99 on MNIST; at 0.5 latents per code per
+    step codes starve (EXPERIMENTS.md, 4).
     """
 
     codebook_by_gradient = False
@@ -535,9 +539,8 @@ class SimVQ(VectorQuantizer):
 
 
 class NSSimVQ(SimVQ):
-    """SimVQ trained with NSVQ's dense loss and stages, as the paper also trains it: SimVQ's
-    losses + {"ns": alpha * L_NS} on the effective codebook, whose every row depends on W, so
-    the term trains W and b through every code near a latent."""
+    """SimVQ trained with NSVQ's dense loss and stages, as the paper also trains it: + {"ns":
+    alpha * L_NS} on the effective codebook, so the term trains W and b through every code."""
 
     def __init__(self, codebook_size, dim, beta=0.25, alpha=0.1, tau=0.35, tau_mode="absolute",
                  **kwargs):
@@ -554,12 +557,12 @@ class FSQ(VectorQuantizer):
         h = W_in z  (d = len(levels) channels),   b_c = a_c tanh(h_c + s_c) - o_c   (bounded)
         q_c = round(b_c) / (L_c // 2), straight through,   z_q = W_out q + bias
 
-    a_c = (L_c - 1)(1 + 1e-3) / 2; o_c = 1/2 for even L_c, else 0; s_c = atanh(o_c / a_c). The
-    codebook: the grid of prod(L_c) points through W_out, indexed by the digits round(b_c) +
-    L_c // 2 in mixed radix. No loss terms. FSQ_LEVELS[K]: the paper's levels for about K codes.
+    a_c = (L_c - 1)(1 + 1e-3) / 2; o_c = 1/2 for even L_c, else 0; s_c = atanh(o_c / a_c). Codes:
+    the grid through W_out, indexed by the digits round(b_c) + L_c // 2 in mixed radix; no losses.
     """
 
     def __init__(self, levels, dim, usage_horizon=64.0):
+        check_levels(levels)
         self.levels = tuple(levels)  # read by make_codebook, which VectorQuantizer calls
         super().__init__(math.prod(levels), dim, 0.0, usage_horizon, buffer_size=0)
 
@@ -582,7 +585,8 @@ class FSQ(VectorQuantizer):
         z = to_rows(z_e, self.dim)  # (N, D)
         with torch.autocast(z.device.type, enabled=False):
             b = self.scale * torch.tanh(self.proj_in(z) + self.shift) - self.offset  # (N, d)
-            indices = ((torch.round(b) + self.mid).long() * self.radix).sum(1)  # (N,)
+            digits = (torch.round(b) + self.mid).nan_to_num(0.0)  # NaN: code 0, as argmax's
+            indices = (digits.long() * self.radix).sum(1)  # (N,)
             u = b / self.mid  # value: the code's; gradient: through the rounding, to W_in and z
             z_q = F.embedding(indices, self.codebook)
             z_q = z_q + F.linear(u - u.detach(), self.proj_out.weight)  # (N, D)
@@ -596,18 +600,8 @@ FSQ_LEVELS = {256: (8, 6, 5), 1024: (8, 5, 5, 5), 4096: (7, 5, 5, 5, 5),
 
 
 # -----------------------------------------------------------------------------
-# 7. Diagnostics and argument checks
+# 7. Argument checks
 # -----------------------------------------------------------------------------
-
-@torch.no_grad()
-def codebook_stats(counts):
-    """From assignment counts (K,) over an evaluation set: utilization (share of codes used),
-    perplexity exp(-sum_j p_j log p_j) (K when uniform), dead_codes (never used)."""
-    p = counts.double() / counts.sum().clamp(min=1)
-    used = int((counts > 0).sum())
-    return {"utilization": used / len(counts), "dead_codes": len(counts) - used,
-            "perplexity": float((-(p * p.clamp(min=1e-30).log()).sum()).exp())}
-
 
 def check_number(name, value, low=None, high=None, low_open=False, high_open=False):
     """ValueError unless value is a finite real number in the interval."""
@@ -627,6 +621,12 @@ def check_count(name, value, low):
 def check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; expected one of {choices}")
+
+
+def check_levels(levels):
+    if not isinstance(levels, (tuple, list)) or not all(type(L) is int and L > 1 for L in levels) \
+            or not levels:
+        raise ValueError(f"levels must be a non-empty tuple of integers >= 2, got {levels!r}")
 
 
 def check_latents(z_e, dim):

@@ -16,6 +16,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -499,10 +500,63 @@ def test_state_dict_round_trip_preserves_codebook_statistics_and_buffers(cls):
     (lambda: nsvq.NSVQ(8, 3).update_(torch.randn(4, 3), torch.tensor([0, 1])), "4 latents"),
     (lambda: nsvq.StageSchedule(patience=0), "patience"),
     (lambda: nsvq.StageSchedule(warmup_epochs=1.5), "warmup_epochs"),
+    (lambda: nsvq.StageSchedule(freeze_epoch=1).end_epoch(float("nan"), 1.0), "epoch"),
+    (lambda: nsvq.StageSchedule().end_epoch(0, float("nan")), "commit_loss"),
+    (lambda: nsvq.StageSchedule().gan_weight(float("nan")), "epoch_float"),
+    (lambda: nsvq.StageSchedule().load_state_dict({**nsvq.StageSchedule().state_dict(), "stage": "bogus"}),
+     "stage"),
+    (lambda: nsvq.FSQ((), 4), "levels"), (lambda: nsvq.FSQ((8, 1, 5), 4), "levels"),
+    (lambda: nsvq.FSQ((-8, -5), 4), "levels"), (lambda: nsvq.FSQ(8, 4), "levels"),
+    (lambda: nsvq.FSQ((1,), 4), "levels"), (lambda: nsvq.FSQ((8.0, 5), 4), "levels"),
+    (lambda: nsvq.VectorQuantizer(8, 3, chunk_size=-1), "chunk_size"),
 ])
 def test_bad_inputs_raise_clear_errors(bad, error):
     with pytest.raises((ValueError, TypeError), match=error):
         bad()
+
+
+def test_a_tiny_absolute_tau_gives_the_one_hot_limit_not_nan():
+    torch.manual_seed(0)
+    z, codebook = torch.randn(50, 4), torch.randn(16, 4, requires_grad=True)
+    indices = nsvq.nearest_code(z, codebook)
+    for tau in (1e-40, 1e-20):
+        loss, mass, _ = nsvq.dense_loss(z, codebook, indices, tau)
+        assert torch.isfinite(loss) and float(mass) < 1e-12  # the winner takes all, and is left out
+    assert float(nsvq.dense_loss(z, codebook, indices, 1e-3)[0].detach()) > 0  # wider: other codes pulled
+    out = nsvq.NSVQ(16, 4, tau=1e-40)(torch.randn(3, 4, 5))
+    assert all(torch.isfinite(v) for v in out.losses.values())
+
+
+@pytest.mark.parametrize("cls", QUANTIZERS + [make_fsq])
+def test_a_nan_latent_gets_a_valid_index_in_every_quantizer(cls):
+    torch.manual_seed(0)
+    vq = cls(256, 4)
+    z_e = torch.randn(2, 4, 3)
+    z_e[0, :, 1] = float("nan")
+    out = vq(z_e)
+    assert out.indices.shape == (2, 3) and 0 <= int(out.indices.min()) <= int(out.indices.max()) < 256
+    assert torch.isnan(out.z_q[0, :, 1]).all() and torch.isfinite(out.z_q[1]).all()
+
+
+def test_replacement_calls_no_operator_that_waits_for_the_device():
+    # Every aten operator replacement calls is recorded: none of those that read a value back
+    # to the host (an item, a data-dependent shape: unique, nonzero, masked_select, isin's sort
+    # path). The meta-tensor test cannot see these, as some have meta kernels.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            called.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+    syncing = ("_local_scalar_dense", "item", "unique", "_unique", "_unique2", "unique_consecutive", "nonzero",
+               "masked_select", "is_nonzero", "equal", "isin")
+    torch.manual_seed(0)
+    for vq in (nsvq.NSVQ(64, 3), nsvq.EMAVectorQuantizer(64, 3)):
+        vq.update_(torch.randn(40, 3), torch.randint(0, 64, (40,)))
+        called = []
+        with Record():
+            mask = vq.replace_dead_codes_()
+        assert mask.any() and called and not {c.split(".")[-1] for c in called} & set(syncing), called
 
 
 @pytest.mark.parametrize("cls", QUANTIZERS + [make_fsq])
@@ -542,7 +596,7 @@ def test_the_forward_compiles_in_one_graph_and_so_does_fsq():
 
 
 def test_codebook_stats_and_the_relative_temperature_keep_the_kernel_at_any_latent_scale():
-    assert nsvq.codebook_stats(torch.tensor([2, 2, 0, 0])) == {"utilization": 0.5, "perplexity": pytest.approx(2.0),
+    assert metrics.codebook_stats(torch.tensor([2, 2, 0, 0])) == {"utilization": 0.5, "perplexity": pytest.approx(2.0),
                                                                "dead_codes": 2}
     torch.manual_seed(13)
     z, codebook = torch.randn(256, 16), torch.randn(128, 16)
@@ -792,13 +846,21 @@ def tiny_imagenet(tmp_path, **overrides):
 
 
 def test_imagenet_tiny_runs_all_stages_skips_a_corrupt_jpeg_and_gives_a_tokenizer(tmp_path, capfd):
-    result = train_imagenet.main(tiny_imagenet(tmp_path))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt-000000001.pt.tmp123").write_bytes(b"a save killed halfway")
+    result = train_imagenet.main(tiny_imagenet(tmp_path, eval_every=1, eval_images=4))
     assert result["stage_start"] == {"stage1": 0, "warmup": 1, "stage2": 2}
     assert result["images"] == 8 and result["steps"] == 9 and 0 < result["utilization"] <= 1
-    assert "warning: skipping" in capfd.readouterr().err and "broken.JPEG" in capfd.readouterr().err + "broken.JPEG"
+    captured = capfd.readouterr()
+    assert "warning: skipping" in captured.err and "broken.JPEG" in captured.err
     assert json.load(open(tmp_path / "run" / "results.json"))["steps"] == 9
     assert (tmp_path / "run" / "recon-final.png").stat().st_size > 0
     lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    quick = [line for line in lines if "eval" in line]  # --eval-every 1: after epochs 1 and 2, not the last
+    assert [(q["epoch"], q["step"], q["eval"]) for q in quick] == [(1, 3, 4), (2, 6, 4)]
+    assert all(math.isfinite(q["psnr"]) and 0 < q["utilization"] <= 1 for q in quick)
+    assert "eval       3 | ep 1 | 4 val images: psnr" in captured.out
+    lines = [line for line in lines if "eval" not in line]
     assert {line["stage"] for line in lines} == {"stage1", "warmup", "stage2"}
     first = lines[0]  # the quantizer at work: re-seeded, the kernel, the temperature
     assert first["reseeded"] > 0 and 0 < first["kernel_mass"] < 1 and first["tau"] > 0
@@ -809,7 +871,7 @@ def test_imagenet_tiny_runs_all_stages_skips_a_corrupt_jpeg_and_gives_a_tokenize
     model = train_imagenet.load_autoencoder(ckpts[-1])
     indices = model.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
     assert indices.shape == (2, 16, 16) and model.decode(indices).shape == (2, 3, 32, 32)
-    assert not [p for p in os.listdir(tmp_path / "run") if ".tmp" in p]  # no temporary file left
+    assert not [p for p in os.listdir(tmp_path / "run") if ".tmp" in p]  # a killed save's file is gone
 
 
 def test_imagenet_baselines_with_and_without_replacement_simvq_ns_and_fsq(tmp_path):
@@ -888,6 +950,142 @@ def test_imagenet_sigterm_to_the_process_group_with_loader_workers_saves_and_exi
     assert train_imagenet.load_checkpoint(train_imagenet.checkpoints(str(tmp_path / "run"))[-1])["state"]["step"] >= 1
 
 
+def start_script(tmp_path, inject, *options):
+    """train_imagenet.cli in a session of its own (as torchrun starts a rank), after `inject`
+    (Python that patches the module `ti`); the Popen, its output merged."""
+    (tmp_path / "inject.py").write_text(f"import os, sys, time, torch\nsys.path.insert(0, {HERE!r})\n"
+                                        f"import train_imagenet as ti\n{inject}\nti.cli(sys.argv[1:])\n")
+    data = str(tmp_path / "data")
+    if not os.path.isdir(data):
+        make_image_folder(data)
+    cmd = [sys.executable, str(tmp_path / "inject.py"), "--preset", "tiny", "--data", data, "--out",
+           str(tmp_path / "run"), *options]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_imagenet_an_unexpected_error_with_loader_workers_ends_every_process_within_seconds(tmp_path):
+    # An error outside the listed ones (CUDA out of memory, NCCL, a bug) at step 3, with two
+    # loader workers that ignore SIGTERM: the traceback, exit 1, and no process left behind.
+    proc = start_script(tmp_path, """
+real_step, calls = ti.train_step, []
+def step(*a):
+    calls.append(1)
+    if len(calls) == 3:
+        raise RuntimeError("CUDA out of memory (injected)")
+    return real_step(*a)
+ti.train_step = step""", "--epochs", "50", "--log-every", "1", "--workers", "2")
+    t0 = time.time()
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 1 and "Traceback" in out and "CUDA out of memory (injected)" in out, out[-2000:]
+    deadline = time.time() + 15  # the workers see their parent gone (they check every 5 s)
+    while group_alive(proc.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not group_alive(proc.pid), f"processes left running {time.time() - t0:.0f} s after the error"
+
+
+def test_imagenet_more_signals_during_the_save_change_nothing(tmp_path):
+    # SLURM signals every process, then torchrun its ranks: the second and third SIGTERM arrive
+    # while the checkpoint is being written (made slow here); the save completes, exit 143.
+    proc = start_script(tmp_path, """
+real_save = ti.torch.save
+def slow_save(obj, f):
+    print("SAVING", flush=True)
+    time.sleep(1.5)
+    real_save(obj, f)
+ti.torch.save = slow_save""", "--epochs", "1000", "--log-every", "1", "--workers", "2")
+    for line in proc.stdout:
+        if line.startswith("step"):
+            os.killpg(proc.pid, signal.SIGTERM)
+        if line.startswith("SAVING"):
+            for _ in range(2):
+                time.sleep(0.3)
+                os.killpg(proc.pid, signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 143, rest
+    run = str(tmp_path / "run")
+    assert train_imagenet.load_checkpoint(train_imagenet.checkpoints(run)[-1])["state"]["step"] >= 1
+    assert not glob.glob(os.path.join(run, "*.tmp*"))
+
+
+def test_imagenet_every_error_reaches_every_rank_and_a_restart_starts_clean(tmp_path, monkeypatch):
+    # The store outlives a torchrun restart, and ranks report errors one after another: the
+    # watcher of a restarted run ignores the last run's error, and an error reported by a rank
+    # after another rank's does not hide the first from it.
+    port = 33000 + os.getpid() % 1000
+    master = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    stopped = []
+
+    def fake_exit(code):  # what os._exit would end: here, the watcher's thread
+        stopped.append(threading.current_thread().name)
+        raise SystemExit
+    monkeypatch.setattr(train_imagenet.os, "_exit", fake_exit)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    train_imagenet.watch_for_failures(5)("DataError: the last run's")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    reports, threads = {}, {}
+    for rank in (0, 1, 2):
+        before = set(threading.enumerate())
+        reports[rank] = train_imagenet.watch_for_failures(rank)
+        threads[rank] = (set(threading.enumerate()) - before).pop().name
+    time.sleep(2.5)
+    assert stopped == []  # the last run's error is not this run's
+    reports[2]("DataError: rank 2's")
+    reports[1]("RuntimeError: rank 1's, right after")
+    time.sleep(2.5)
+    assert sorted(stopped) == sorted(threads.values())  # rank 1 learnt of rank 2's, rank 2 of rank 1's
+    del master
+
+
+def test_imagenet_a_frozen_rank_on_another_node_stops_the_run_after_the_collective_timeout(tmp_path):
+    # A node that vanishes without a TCP reset: rank 1 is stopped (SIGSTOP) after start-up. Rank
+    # 0 waits in a collective for --timeout-minutes (here 0.2: 12 s), not the start-up's hour.
+    (tmp_path / "wrapper.py").write_text(f"""import os, signal, sys
+sys.path.insert(0, {HERE!r})
+import torch.distributed as dist
+import train_imagenet as ti
+real_step, calls = ti.train_step, []
+def step(*a):
+    calls.append(1)
+    if dist.get_rank() == 1 and len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return real_step(*a)
+ti.train_step = step
+ti.cli(sys.argv[1:])
+""")
+    make_image_folder(str(tmp_path / "data"))
+    port = 34000 + os.getpid() % 1000
+    command = ["torchrun", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", "--max-restarts=0",
+               f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=nsvq", str(tmp_path / "wrapper.py"), "--preset",
+               "tiny", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--epochs", "50",
+               "--log-every", "1", "--timeout-minutes", "0.2"]
+    logs = [open(tmp_path / f"agent{i}.log", "w") for i in range(2)]
+    procs = [subprocess.Popen(command, cwd=str(tmp_path), stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True) for log in logs]
+    try:
+        t0 = time.time()
+        while all(p.poll() is None for p in procs) and time.time() - t0 < 150:
+            time.sleep(0.5)
+        seconds, codes = time.time() - t0, [p.poll() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    out = (tmp_path / "agent0.log").read_text() + (tmp_path / "agent1.log").read_text()
+    assert seconds < 100 and any(c not in (None, 0) for c in codes), (seconds, codes, out[-3000:])
+    assert "Timed out" in out or "timed out" in out.lower(), out[-3000:]
+
+
 def test_imagenet_a_step_with_non_finite_gradients_is_skipped_and_fp16_calibration_is_not_bad(tmp_path):
     cfg = train_imagenet.resolve(tiny_imagenet(tmp_path))
     torch.manual_seed(0)
@@ -962,8 +1160,13 @@ ti.main = main
 
 
 def test_imagenet_two_ranks_end_bitwise_identical_and_only_rank_zero_writes(tmp_path):
-    codes, out = torchrun(tmp_path, IDENTITY_CHECK, "--epochs", "2")
+    codes, out = torchrun(tmp_path, "", "--epochs", "2", "--max-steps", "4")
+    assert codes == [143 - 143], out[-3000:]
+    # Rank 1 sees no checkpoint (node-local disks, a stale NFS cache): it resumes rank 0's.
+    blind = "real = ti.checkpoints\nti.checkpoints = lambda out: [] if dist.get_rank() == 1 else real(out)\n"
+    codes, out = torchrun(tmp_path, blind + IDENTITY_CHECK, "--epochs", "2", "--resume", "auto")
     assert codes == [0], out[-3000:]
+    assert "resumed" in out and "ckpt-000000004.pt" in out
     assert "rank 0: identical" in out and "rank 1: identical" in out
     saved = json.load(open(tmp_path / "run" / "results.json"))
     assert saved["steps"] == 6 and saved["images"] == 8  # global batch 8 = 4 + 4; val read once
@@ -1127,10 +1330,13 @@ def test_imagenet_bad_input_gives_one_line_and_leaves_nothing_behind(tmp_path):
     train_imagenet.main(tiny_imagenet(tmp_path, epochs=1))
     with pytest.raises(train_imagenet.OutputError, match="--resume auto.*--overwrite"):
         train_imagenet.main(tiny_imagenet(tmp_path, epochs=1))
+    with pytest.raises(train_imagenet.OutputError, match="--codebook-size 256, not 128"):
+        train_imagenet.main(tiny_imagenet(tmp_path, resume="auto", codebook_size=128))
     good = train_imagenet.checkpoints(str(tmp_path / "run"))[-1]
     (tmp_path / "truncated.pt").write_bytes(open(good, "rb").read()[:5000])
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    for path, error in (("truncated.pt", "not a readable checkpoint"), ("other.pt", "it holds: unknown")):
+    for path, error in (("truncated.pt", "damaged or not a checkpoint"), ("other.pt", "it holds: unknown"),
+                        ("missing.pt", "no such checkpoint file"), ("", "a folder: --resume auto")):
         with pytest.raises(train_imagenet.OutputError, match=error):
             train_imagenet.main(tiny_imagenet(tmp_path, resume=str(tmp_path / path)))
     real = train_imagenet.torch.save
@@ -1148,6 +1354,46 @@ def test_imagenet_bad_input_gives_one_line_and_leaves_nothing_behind(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0, bad.stderr  # one line
     assert "pt_inception-2015-12-05-6726825d.pth" in bad.stderr and not (tmp_path / "o").exists()
+    with pytest.raises(train_imagenet.OutputError, match="cannot be made .*not a writable folder"):
+        train_imagenet.main(tiny_imagenet(tmp_path, out=str(tmp_path / "file" / "run")))  # under a file
+
+
+@pytest.mark.parametrize("bad, flag", [
+    (dict(gan_weight=float("nan")), "--gan-weight"), (dict(gan_weight=-1.0), "--gan-weight"),
+    (dict(weight_ema=float("nan")), "--weight-ema"), (dict(weight_ema=1.5), "--weight-ema"),
+    (dict(max_steps=-1), "--max-steps"), (dict(ckpt_minutes=float("nan")), "--ckpt-minutes"),
+    (dict(num_res_blocks=-1), "--num-res-blocks"), (dict(perceptual_weight=-1.0), "--perceptual-weight"),
+    (dict(timeout_minutes=0.0), "--timeout-minutes"), (dict(eval_every=-1), "--eval-every"),
+    (dict(quantizer="fsq", codebook_size=1000), "--codebook-size in"), (dict(lr=float("inf")), "--lr"),
+])
+def test_imagenet_options_out_of_range_are_refused_naming_the_option(bad, flag):
+    with pytest.raises(ValueError, match=flag):
+        train_imagenet.resolve(train_imagenet.make_config("tiny", data="-", **bad))
+
+
+def test_mnist_out_of_range_options_and_an_earlier_run_are_refused_as_train_imagenet_does(tmp_path):
+    for bad, flag in ((dict(gan_weight=float("nan")), "--gan-weight"), (dict(gan_weight=-1.0), "--gan-weight"),
+                      (dict(gan=False, gan_weight=-1.0), "--gan-weight"), (dict(lr=-1e-3), "--lr")):
+        with pytest.raises(ValueError, match=flag):
+            train_mnist.resolve(train_mnist.Config(**bad))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt.pt").write_bytes(b"an earlier run")
+    with pytest.raises(train_mnist.OutputError, match="holds an earlier run: pass --overwrite"):
+        train_mnist.main(tiny_config(tmp_path, overwrite=False))
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == b"an earlier run"
+
+
+def test_imagenet_resume_auto_takes_the_newest_intact_checkpoint_and_an_empty_out_starts_fresh(tmp_path, capsys):
+    fresh = train_imagenet.main(tiny_imagenet(tmp_path, resume="auto", epochs=1))  # a requeued job's first launch
+    assert fresh["steps"] == 3
+    train_imagenet.main(tiny_imagenet(tmp_path, resume="auto", epochs=2, max_steps=2))  # saves at step 5
+    older, newest = train_imagenet.checkpoints(str(tmp_path / "run"))
+    open(newest, "r+b").truncate(5000)  # the newest is damaged
+    capsys.readouterr()
+    result = train_imagenet.main(tiny_imagenet(tmp_path, resume="auto", epochs=2))
+    out = capsys.readouterr().out
+    assert f"warning: {newest} is damaged" in out and f"resumed {older}" in out
+    assert result["steps"] == 6
 
 
 # --- 7. bench.py, experiments.py, nsvq.py's demo --------------------------------------------

@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -92,8 +93,12 @@ class Config:
     resume: str = arg("", "'' | auto (the newest intact checkpoint in --out) | a path")
     max_steps: int = arg(0, "stop with a checkpoint after this many steps (0: no limit)")
     ckpt_minutes: float = arg(30.0, "minutes between checkpoints (and at stages, stops, end)")
+    timeout_minutes: float = arg(10.0, "[DDP] a collective waiting this long stops the run: a "
+                                 "vanished rank or node (start-up waits 60 for downloads)")
     log_every: int = arg(100, "steps between log lines (each reads the device once)")
     # evaluation (SimVQ's protocol: metrics.evaluate)
+    eval_every: int = arg(5, "epochs between quick evaluations (PSNR, SSIM, codes; 0: none)")
+    eval_images: int = arg(5000, "the first this many val/ images, for the quick evaluation")
     lpips_weights: str = arg("auto", "auto (download) | DIR of the four LPIPS files | random")
     eval_lpips: bool = arg(True, "report LPIPS-AlexNet and LPIPS-VGG")
     inception: str = arg("auto", "auto (download) | FILE pt_inception-2015-12-05-6726825d.pth"
@@ -103,15 +108,16 @@ class Config:
 PRESETS = {
     "paper": {},
     # Ours: SimVQ's model scaled down to 32x32 images, 8x8 tokens (f4), at the paper's 0.5
-    # latents per code per step (64 images x 64 tokens on K = 8,192). EXPERIMENTS.md 14.
+    # latents per code per step (64 images x 64 tokens on K = 8,192). EXPERIMENTS.md 17.
     "cifar": dict(image_size=32, ch=32, ch_mult="1,2,2", num_res_blocks=1, dim=32,
-                  codebook_size=8192, usage_horizon=8.0, batch_size=64, epochs=16,
-                  freeze_epoch=10, warmup_epochs=2, lr=2e-4, weight_ema=0.99, workers=2,
-                  perceptual_weight=0.0, eval_lpips=False, inception="none", log_every=20),
+                  codebook_size=8192, usage_horizon=8.0, batch_size=64, epochs=8, freeze_epoch=5,
+                  warmup_epochs=1, gan_ramp_epochs=1, gan_stage1=False, lr=2e-4,
+                  weight_ema=0.99, workers=2, eval_every=0, perceptual_weight=0.0,
+                  eval_lpips=False, inception="none", log_every=20),
     "tiny": dict(image_size=32, ch=16, ch_mult="1,2", num_res_blocks=1, dim=8, codebook_size=256,
                  epochs=3, batch_size=8, freeze_epoch=1, warmup_epochs=1, gan_ramp_epochs=1,
                  workers=0, perceptual_weight=0.0, eval_lpips=False, inception="none",
-                 log_every=2, replace_every=1),
+                 log_every=2, replace_every=1, eval_every=0),
 }
 
 
@@ -155,8 +161,9 @@ def ignore_stop_signals(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def make_loader(cfg, split, rank, world, train):
+def make_loader(cfg, split, rank, world, train, limit=None):
     dataset = metrics.ImageFolder(cfg.data, split, cfg.image_size, train, cfg.seed)
+    dataset.files = dataset.files[:limit]  # the quick evaluation's fixed subset
     common = dict(num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
                   persistent_workers=cfg.workers > 0, worker_init_fn=ignore_stop_signals,
                   generator=torch.Generator().manual_seed(cfg.seed))  # its own: resumable
@@ -284,9 +291,10 @@ def setup_distributed(cfg):
     local_rank = int(os.environ["LOCAL_RANK"])
     if cfg.device == "cuda":
         torch.cuda.set_device(local_rank)
-    # 60 minutes, not NCCL's 10: the others wait while rank 0 first downloads the networks
+    # Training collectives time out after --timeout-minutes: a rank killed hard or a node gone
+    # without a TCP reset would otherwise hold every GPU for the default hour (start_up: 60 min)
     dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo",
-                            timeout=datetime.timedelta(minutes=60))
+                            timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
     device = torch.device("cuda", local_rank) if cfg.device == "cuda" else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -295,35 +303,39 @@ def watch_for_failures(rank):
     """[DDP] An error on any rank stops every rank within seconds. Failure it prevents: after
     start-up, one rank's error leaves the others in a collective until the NCCL timeout (across
     nodes; torchrun ends one node's group). The failing rank writes its error to the store (the
-    returned function); a thread on each rank polls it every second and ends its process."""
+    returned function); a thread on each rank polls it every second and ends its process. Keys
+    per restart (the agent's store outlives a restart) and per error (none masks another)."""
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           is_master=False, timeout=datetime.timedelta(seconds=60))
+    key = f"nsvq/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
-    def watch():
+    def watch(seen=0):
         while True:
             time.sleep(1.0)
-            message = store.get("nsvq/failed").decode() if store.check(["nsvq/failed"]) else ""
-            if message and not message.startswith(f"rank {rank}:"):
-                print(f"error: stopping, {message}", file=sys.stderr, flush=True)
-                os._exit(1)
+            for n in range(seen + 1, store.add(key, 0) + 1):
+                message, seen = store.get(f"{key}/{n}").decode(), n
+                if not message.startswith(f"rank {rank}:"):
+                    print(f"error: stopping, {message}", file=sys.stderr, flush=True)
+                    os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
-    return lambda message: store.set("nsvq/failed", f"rank {rank}: {message}")
+    return lambda message: store.set(f"{key}/{store.add(key, 1)}", f"rank {rank}: {message}")
 
 
 class Control:
     """What every rank must decide at the same step: stop (SIGTERM or SIGINT on any rank) and
     checkpoint (rank 0's clock). [DDP] One all_reduce of two numbers per step on a host-side
-    (gloo) group: it never waits for the GPU. A second signal ends the process at once."""
+    (gloo) group: it never waits for the GPU. Later signals change nothing: SLURM signals every
+    process and torchrun then its ranks, and a second signal must not kill the save."""
 
-    def __init__(self, minutes, world):
-        self.signal, self.period, self.last = 0, 60.0 * minutes, time.time()
-        self.group = dist.new_group(backend="gloo") if world > 1 else None
+    def __init__(self, cfg, world):
+        self.signal, self.period, self.last = 0, 60.0 * cfg.ckpt_minutes, time.time()
+        timeout = datetime.timedelta(minutes=cfg.timeout_minutes)
+        self.group = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
         self.previous = {s: signal.signal(s, self.handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def handler(self, signum, frame):
-        self.signal = signum
-        signal.signal(signum, self.previous[signum])
+        self.signal = self.signal or signum
 
     def poll(self):
         due = rank_of() == 0 and time.time() - self.last > self.period
@@ -361,12 +373,15 @@ def checkpoints(out):
 
 
 def load_checkpoint(path):
-    """A checkpoint of this script, on the CPU; one-line errors for anything else."""
+    """A checkpoint of this script, on the CPU, memory-mapped (a truncated file fails at once,
+    before anything is read); one-line errors for anything else."""
+    if not os.path.isfile(path):
+        raise OutputError(f"{path}: no such checkpoint file" + (" (a folder: --resume auto "
+                          "--out FOLDER takes its newest)" if os.path.isdir(path) else ""))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise OutputError(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it "
-                          f"to resume from an older one") from None
+        raise OutputError(f"{path} is damaged or not a checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "train_imagenet":
         holds = ckpt.get("kind", "unknown") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise OutputError(f"{path} is not a train_imagenet.py checkpoint (it holds: {holds})")
@@ -379,20 +394,6 @@ def load_autoencoder(path, device="cpu"):
     model = Autoencoder(Config(**ckpt["config"]))
     model.load_state_dict({**model.state_dict(), **ckpt["ema"]})  # the EMA keeps no upkeep
     return model.to(device).eval()
-
-
-def load_networks(cfg, device):
-    """(LPIPS-VGG for the loss or None, evaluation networks), at start-up: missing weights stop
-    the run before its first step, naming the option that fixes it."""
-    if cfg.perceptual_weight > 0 and cfg.lpips_weights == "random":
-        raise ValueError("--lpips-weights random is for tests and timing, no perceptual loss: "
-                         "pass the LPIPS files, or --perceptual-weight 0")
-    lpips = lambda net: metrics.LPIPS(net, cfg.lpips_weights).to(device)  # noqa: E731
-    vgg = lpips("vgg") if cfg.perceptual_weight > 0 or cfg.eval_lpips else None
-    inception = metrics.InceptionFID(cfg.inception).to(device) if cfg.inception != "none" else None
-    nets = {"inception": inception, "lpips_vgg": vgg if cfg.eval_lpips else None,
-            "lpips_alex": lpips("alex") if cfg.eval_lpips else None}
-    return (vgg if cfg.perceptual_weight > 0 else None), nets
 
 
 def build_trainer(cfg, device, lpips):
@@ -512,10 +513,27 @@ def log_line(cfg, state, schedule, window, trainer, t_log, world, log):
         "{utilization:.1%} ppl {perplexity:.0f} dead {dead:.0f} re-seeded {reseeded:.0f} | "
         "{img_per_s:.0f} img/s bad {bad_steps:.0f} skipped {skipped_steps:.0f}".format(**record)
         + f" mem {mem:.1f}G")
+    append_record(cfg, record)
+    return bad
+
+
+def append_record(cfg, record):
     if rank_of() == 0:
         with open(os.path.join(cfg.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-    return bad
+
+
+def quick_evaluation(cfg, trainer, loader, state, device, log):
+    """--eval-every: PSNR, SSIM, L1 and codes used of the EMA weights on the first --eval-images
+    of val/ (rFID and LPIPS only at the end), a log line and a metrics.jsonl record ("eval")."""
+    t0, nets = time.time(), dict.fromkeys(("inception", "lpips_alex", "lpips_vgg"))
+    result = metrics.evaluate(trainer.ema, loader, nets, device)[0]
+    record = {"step": state["step"], "epoch": state["epoch"], "eval": result["images"],
+              **{k: result[k] for k in ("psnr", "ssim", "l1", "utilization", "perplexity")},
+              "seconds": time.time() - t0}
+    log("eval {step:7d} | ep {epoch} | {eval} val images: psnr {psnr:.2f} ssim {ssim:.3f} l1 "
+        "{l1:.4f} util {utilization:.1%} ppl {perplexity:.0f} | {seconds:.1f} s".format(**record))
+    append_record(cfg, record)
 
 
 def gather(obj, world):
@@ -551,10 +569,31 @@ def save_checkpoint(cfg, trainer, schedule, state, commit, world, device, log, t
 STATEFUL = ("model", "disc", "opt", "opt_d", "scaler", "scaler_d")
 
 
-def restore(path, trainer, schedule, rank, world, device):
+def pick_checkpoint(cfg, log):
+    """--resume's file: the path given, or (auto) the newest intact one in --out, the damaged
+    ones named; None (auto, no checkpoint yet): a fresh start, as a requeued job's first launch."""
+    if cfg.resume != "auto":
+        return cfg.resume or None
+    for path in reversed(checkpoints(cfg.out)):
+        try:
+            return load_checkpoint(path) and path
+        except OutputError as e:
+            log(f"warning: {e}")
+    return None
+
+
+MODEL = ("image_size", "ch", "ch_mult", "num_res_blocks", "dim", "quantizer", "codebook_size")
+
+
+def restore(path, cfg, trainer, schedule, rank, world, device):
     """A checkpoint into the trainer: (loop state, this rank's commitment sum and count in the
     epoch so far: the epoch mean that drives the schedule is the uninterrupted run's)."""
     ckpt = load_checkpoint(path)
+    for name in MODEL:
+        if ckpt["config"][name] != getattr(cfg, name):
+            raise OutputError(f"{path} holds a model with --{name.replace('_', '-')} "
+                              f"{ckpt['config'][name]}, not {getattr(cfg, name)}: resume with "
+                              f"the options it was trained with")
     trainer.ema.load_state_dict({**trainer.ema.state_dict(), **ckpt["ema"]})
     for name in STATEFUL:
         getattr(trainer, name).load_state_dict(ckpt[name])
@@ -585,8 +624,17 @@ def resolve(cfg):
     cfg.replace = cfg.quantizer == "nsvq" if cfg.replace is None else cfg.replace
     if cfg.replace and cfg.quantizer not in ("nsvq", "ste", "ema"):
         raise ValueError(f"--replace does not apply to {cfg.quantizer}: no per-code parameters")
-    for name in ("image_size", "ch", "epochs", "batch_size", "log_every"):
-        nsvq.check_count("--" + name.replace("_", "-"), getattr(cfg, name), 1)
+    if cfg.quantizer == "fsq" and cfg.codebook_size not in nsvq.FSQ_LEVELS:
+        raise ValueError(f"--quantizer fsq takes --codebook-size in {sorted(nsvq.FSQ_LEVELS)}")
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    for low, names in ((1, ("image_size", "ch", "num_res_blocks", "epochs", "batch_size",
+                            "log_every", "replace_every", "eval_images")),
+                       (0, ("max_steps", "eval_every", "workers", "freeze_epoch"))):
+        for name in names:
+            nsvq.check_count(flag(name), getattr(cfg, name), low)
+    for name, high in (("lr", None), ("gan_weight", None), ("perceptual_weight", None),
+                       ("weight_ema", 1), ("ckpt_minutes", None), ("timeout_minutes", None)):
+        nsvq.check_number(flag(name), getattr(cfg, name), 0, high, name.endswith("s"), True)
     levels = cfg.ch_mult.split(",")
     if not all(m.strip().isdigit() and int(m) > 0 for m in levels) or \
             cfg.image_size % 2 ** (len(levels) - 1):
@@ -613,8 +661,8 @@ def check_out(cfg):
     parent = os.path.abspath(cfg.out)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"--out {cfg.out} is not writable ({parent} cannot be written)")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise OutputError(f"--out {cfg.out} cannot be made ({parent} is not a writable folder)")
     if not cfg.resume and not cfg.overwrite and os.path.isdir(cfg.out) and checkpoints(cfg.out):
         raise OutputError(f"--out {cfg.out} holds an earlier run: continue it with --resume "
                           f"auto, or pass --overwrite to start afresh (its checkpoints go)")
@@ -637,13 +685,15 @@ def main(cfg, report=None):
     if rank == 0:
         check_out(cfg)
 
-    # Create model: rank 0 fetches missing weights first and the others read its cache; one
-    # seed for construction on every rank, per-rank seeds only afterwards
+    # Create model: rank 0 fetches missing weights first and the others read its cache (for up
+    # to an hour); one seed for construction on every rank, per-rank seeds only afterwards
+    start_up = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=60)) \
+        if world > 1 else None
     for first in (True, False):
         if (rank == 0) == first:
-            lpips, nets = load_networks(cfg, device)
+            lpips, nets = metrics.load_networks(cfg, device)
         if world > 1:
-            dist.barrier()
+            dist.barrier(group=start_up)
     torch.manual_seed(cfg.seed)
     trainer = build_trainer(cfg, device, lpips)
     torch.manual_seed(cfg.seed + rank)
@@ -653,23 +703,23 @@ def main(cfg, report=None):
                                   cfg.gan_ramp_epochs, gan_stage1=cfg.gan_stage1 or not staged)
     state = {"epoch": 0, "batch": 0, "step": 0, "bad_steps": 0, "seconds": 0.0}
     commit = torch.zeros(2, device=device)  # this rank's commitment-loss sum and count this epoch
-    if cfg.resume:
-        path = cfg.resume if cfg.resume != "auto" else (checkpoints(cfg.out) or [None])[-1]
-        if path is None:
-            raise FileNotFoundError(f"--resume auto: no checkpoint in {cfg.out}")
-        state, commit = restore(path, trainer, schedule, rank, world, device)
+    path = gather(pick_checkpoint(cfg, log) if rank == 0 else None, world)[0]  # rank 0's choice
+    if path:
+        state, commit = restore(path, cfg, trainer, schedule, rank, world, device)
         log(f"resumed {path}: epoch {state['epoch']}, batch {state['batch']}, {schedule.stage}")
     earlier = state.setdefault("seconds", 0.0)  # the run's earlier sessions (older files: 0)
 
     # Setup data
     val_loader = make_loader(cfg, "val", rank, world, train=False)
     train_loader = make_loader(cfg, "train", rank, world, train=True)
-    if rank == 0:  # a new run deletes an earlier run's files
+    quick_loader = make_loader(cfg, "val", rank, world, False, cfg.eval_images) \
+        if cfg.eval_every else None
+    if rank == 0:  # a new run deletes an earlier run's files; any run, a killed save's
         os.makedirs(cfg.out, exist_ok=True)
-        old = [] if cfg.resume else checkpoints(cfg.out) + glob.glob(f"{cfg.out}/*.jsonl")
-        for path in old:
-            os.remove(path)
-    control = Control(cfg.ckpt_minutes, world)
+        old = [] if path else checkpoints(cfg.out) + glob.glob(f"{cfg.out}/*.jsonl")
+        for name in old + glob.glob(f"{cfg.out}/ckpt-*.pt.tmp*"):
+            os.remove(name)
+    control = Control(cfg, world)
     polls = min(gather(len(val_loader.batch_sampler), world))  # as many polls on every rank
 
     def stop_now(i):  # evaluation's check before batch i
@@ -729,6 +779,8 @@ def main(cfg, report=None):
                 log(f"stage change: {schedule.stage} from epoch {epoch + 1}")
                 apply_stage(cfg, trainer, schedule, world, device)
                 save(f"(entering {schedule.stage})")
+            if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
+                quick_evaluation(cfg, trainer, quick_loader, state, device, log)
 
         # Save and evaluate
         if steps_this_run:  # a finished run, resumed, is evaluated again
@@ -775,25 +827,26 @@ def parse_args(argv=None):
 
 
 def cli(argv=None):
-    """The command line: one-line errors, and an error on any rank told to every rank
-    (watch_for_failures) before this one exits."""
-    report, code = [], 0
+    """The command line: one line for a user's mistake, the traceback for anything else (CUDA
+    out of memory, NCCL, a bug); any error is told to every rank (watch_for_failures), then the
+    process ends at once. Failure it prevents: at a normal exit multiprocessing waits, without
+    a timeout, for loader workers that ignore SIGTERM; on os._exit they see their parent gone."""
+    report = []
     try:
         main(parse_args(argv), report)
     except Exception as e:
         message = str(e).strip().splitlines()[-1] if "Original Traceback" in str(e) else str(e)
         if report:  # (a loader worker's error: its last line says it)
             report[0](f"{type(e).__name__}: {message}")
-        if not isinstance(e, (metrics.DataError, ValueError, FileNotFoundError, OutputError,
-                              FloatingPointError, metrics.WeightsError)):
-            raise
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        code = 1
-    if code and dist.is_initialized():
-        os._exit(code)  # [DDP] the others may sit in a collective with this rank: no teardown
+        if isinstance(e, (metrics.DataError, ValueError, FileNotFoundError, OutputError,
+                          FloatingPointError, metrics.WeightsError)):
+            print(f"error: {message}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(1)  # no teardown: [DDP] the others may sit in a collective with this rank
     if dist.is_initialized():
         dist.destroy_process_group()
-    sys.exit(code)
 
 
 if __name__ == "__main__":

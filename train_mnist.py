@@ -42,6 +42,7 @@ class Config:
     data: str = option("./data/mnist", "folder of the IDX files; missing ones are downloaded")
     download: bool = option(True, "fetch missing files (--no-download: never go online)")
     out: str = option("", "output folder (default runs/mnist/<quantizer>)")
+    overwrite: bool = option(False, "replace the run in an --out that holds one")
     quantizer: str = option("nsvq", "nsvq | simvq | ema | ste | fsq | simvq-ns (+ dense loss)")
     codebook_size: int = option(1024, "K: large enough that plain STE collapses")
     dim: int = option(16, "D, the code dimension")
@@ -256,7 +257,7 @@ def train_step(cfg, trainer, x, gan_w, commitment, replace):
 def log_line(epoch, stage, window, test, seconds):
     """One line per epoch: losses by name, codebook health, the kernel, test error."""
     means = {k: v / window["steps"] for k, v in window["sums"].items()}
-    health = nsvq.codebook_stats(window["counts"])
+    health = metrics.codebook_stats(window["counts"])
     kernel = "".join(f" {k} {v / window['steps']:.3g}" for k, v in window["diagnostics"].items())
     print(f"epoch {epoch:2d} | {stage:6s} | " + " ".join(f"{k} {v:.4f}" for k, v in means.items())
           + f" | util {health['utilization']:.1%} ppl {health['perplexity']:.0f} dead "
@@ -281,7 +282,7 @@ def evaluate(model, images, batch_size=500):
         counts += torch.bincount(out.indices.flatten().cpu(), minlength=len(counts))
     model.train()
     mse, psnr, ssim = (sums / len(images)).tolist()
-    return {"test_mse": mse, "test_psnr": psnr, "test_ssim": ssim, **nsvq.codebook_stats(counts)}
+    return {"test_mse": mse, "test_psnr": psnr, "test_ssim": ssim, **metrics.codebook_stats(counts)}
 
 
 def make_figures(model, images, epoch_log, out):
@@ -324,6 +325,8 @@ def resolve(cfg):
         raise ValueError(f"--quantizer fsq takes --codebook-size in {sorted(nsvq.FSQ_LEVELS)}")
     for name in ("epochs", "batch_size", "replace_every", "width"):  # StageSchedule checks its own
         nsvq.check_count("--" + name.replace("_", "-"), getattr(cfg, name), 1)
+    for name in ("gan_weight", "lr"):  # checked whether used or not
+        nsvq.check_number("--" + name.replace("_", "-"), getattr(cfg, name), low=0)
     if cfg.width % 8:
         raise ValueError(f"--width must be a multiple of 8 (GroupNorm, 8 groups), got {cfg.width}")
     cfg.out = cfg.out or os.path.join("runs", "mnist", cfg.quantizer)
@@ -346,14 +349,17 @@ def make_schedule(cfg):
 
 
 def check_out(cfg):
-    """Refuse an --out that cannot be written; creates nothing (an earlier run is replaced)."""
+    """Refuse an --out that cannot be written or holds a run (train_imagenet.py's rule);
+    creates nothing."""
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise OutputError(f"--out {cfg.out} is a file, not a folder")
     parent = os.path.abspath(cfg.out)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"--out {cfg.out} is not writable ({parent} cannot be written)")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise OutputError(f"--out {cfg.out} cannot be made ({parent} is not a writable folder)")
+    if not cfg.overwrite and os.path.exists(os.path.join(cfg.out, "ckpt.pt")):
+        raise OutputError(f"--out {cfg.out} holds an earlier run: pass --overwrite to replace it")
 
 
 def main(cfg, setup=None, on_step=None):
