@@ -50,7 +50,7 @@ Where each part is called (the README's loop, tested the same; train_mnist.py re
             if schedule.replacement and vq.reseeds and step % 10 == 0:  # part 2, stage 1
                 reseeded = vq.replace_dead_codes_()         # (K,) mask of the re-seeded codes
                 nsvq.reset_adam_state_(opt, vq.embedding, reseeded)  # no stale momentum
-            commit.append(float(out.losses.get("commit", 0.0)))
+            commit.append(out.losses.get("commit", torch.zeros(())).item())
         schedule.end_epoch(epoch, sum(commit) / len(commit))  # part 3: the epoch MEAN
 """
 
