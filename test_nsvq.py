@@ -1534,6 +1534,12 @@ def test_imagenet_bad_input_gives_one_line_and_leaves_nothing_behind(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0, bad.stderr  # one line
     assert "pt_inception-2015-12-05-6726825d.pth" in bad.stderr and not (tmp_path / "o").exists()
+    unreadable = make_image_folder(str(tmp_path / "unreadable"), broken=False)
+    for path in glob.glob(os.path.join(unreadable, "*", "*", "*")):
+        open(path, "wb").write(b"not an image")
+    with pytest.raises(metrics.DataError, match="unreadable images in a row"):
+        train_imagenet.main(tiny_imagenet(tmp_path, data=unreadable, out=str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()  # failed before anything was written: no empty --out
     with pytest.raises(train_imagenet.OutputError, match="cannot be made .*not a writable folder"):
         train_imagenet.main(tiny_imagenet(tmp_path, out=str(tmp_path / "file" / "run")))  # under a file
 

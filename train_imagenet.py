@@ -714,6 +714,7 @@ def main(cfg, report=None):
     train_loader = make_loader(cfg, "train", rank, world, train=True)
     quick_loader = make_loader(cfg, "val", rank, world, False, cfg.eval_images) \
         if cfg.eval_every else None
+    made = rank == 0 and not os.path.isdir(cfg.out)  # removed again if the run fails empty
     if rank == 0:  # a new run deletes an earlier run's files; any run, a killed save's
         os.makedirs(cfg.out, exist_ok=True)
         old = [] if path else checkpoints(cfg.out) + glob.glob(f"{cfg.out}/*.jsonl")
@@ -798,6 +799,10 @@ def main(cfg, report=None):
         print(f"stopped by signal {control.signal} at step {state['step']}; {path} holds the run: "
               f"continue it with --resume auto", file=sys.stderr, flush=True)
         raise SystemExit(128 + control.signal) from None
+    except Exception:
+        if made and not os.listdir(cfg.out):
+            os.rmdir(cfg.out)
+        raise
     finally:
         control.close()
 
