@@ -349,8 +349,7 @@ def make_schedule(cfg):
 
 
 def check_out(cfg):
-    """Refuse an --out that cannot be written or holds a run (train_imagenet.py's rule);
-    creates nothing."""
+    """Refuse an --out that cannot be written or holds a run (as train_imagenet.py); make none."""
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise OutputError(f"--out {cfg.out} is a file, not a folder")
     parent = os.path.abspath(cfg.out)
