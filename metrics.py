@@ -20,6 +20,7 @@ import glob
 import os
 import random
 import sys
+import time
 
 import numpy as np
 import torch
@@ -529,3 +530,17 @@ def evaluate(model, loader, nets, device, stop=None):
     rows = ((torch.cat(first).float() + 1) / 2).clamp(0, 1)  # (16, 3, S, S)
     grid = rows.view(2, -1, *rows.shape[1:]).permute(0, 3, 1, 4, 2).reshape(2 * rows.shape[2], -1, 3)
     return result, Image.fromarray((grid.numpy() * 255).round().astype(np.uint8))
+
+
+def quick_evaluation(model, loader, state, device, log):
+    """train_imagenet.py's --eval-every: PSNR, SSIM, L1, codes used and perplexity of model on
+    a fixed subset of val/ (no rFID or LPIPS: those at the end); logged, and returned as a
+    metrics.jsonl record (its key "eval": the number of images)."""
+    t0, nets = time.time(), dict.fromkeys(("inception", "lpips_alex", "lpips_vgg"))
+    result = evaluate(model, loader, nets, device)[0]
+    record = {"step": state["step"], "epoch": state["epoch"], "eval": result["images"],
+              **{k: result[k] for k in ("psnr", "ssim", "l1", "utilization", "perplexity")},
+              "seconds": time.time() - t0}
+    log("eval {step:7d} | ep {epoch} | {eval} val images: psnr {psnr:.2f} ssim {ssim:.3f} l1 "
+        "{l1:.4f} util {utilization:.1%} ppl {perplexity:.0f} | {seconds:.1f} s".format(**record))
+    return record

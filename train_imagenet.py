@@ -523,19 +523,6 @@ def append_record(cfg, record):
             f.write(json.dumps(record) + "\n")
 
 
-def quick_evaluation(cfg, trainer, loader, state, device, log):
-    """--eval-every: PSNR, SSIM, L1 and codes used of the EMA weights on the first --eval-images
-    of val/ (rFID and LPIPS only at the end), a log line and a metrics.jsonl record ("eval")."""
-    t0, nets = time.time(), dict.fromkeys(("inception", "lpips_alex", "lpips_vgg"))
-    result = metrics.evaluate(trainer.ema, loader, nets, device)[0]
-    record = {"step": state["step"], "epoch": state["epoch"], "eval": result["images"],
-              **{k: result[k] for k in ("psnr", "ssim", "l1", "utilization", "perplexity")},
-              "seconds": time.time() - t0}
-    log("eval {step:7d} | ep {epoch} | {eval} val images: psnr {psnr:.2f} ssim {ssim:.3f} l1 "
-        "{l1:.4f} util {utilization:.1%} ppl {perplexity:.0f} | {seconds:.1f} s".format(**record))
-    append_record(cfg, record)
-
-
 def gather(obj, world):
     """[rank 0's obj, rank 1's, ...] on every rank (small host objects only)."""
     objs = [obj] * world
@@ -781,7 +768,8 @@ def main(cfg, report=None):
                 apply_stage(cfg, trainer, schedule, world, device)
                 save(f"(entering {schedule.stage})")
             if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
-                quick_evaluation(cfg, trainer, quick_loader, state, device, log)
+                record = metrics.quick_evaluation(trainer.ema, quick_loader, state, device, log)
+                append_record(cfg, record)
 
         # Save and evaluate
         if steps_this_run:  # a finished run, resumed, is evaluated again
