@@ -189,6 +189,8 @@ def fmt(key, value):
         return f"{value:.5f}"
     if key in ("test_ssim", "kernel_mass"):
         return f"{value:.4f}"
+    if key in ("ssim", "l1"):
+        return f"{value:.3f}"
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
@@ -784,7 +786,10 @@ def natural_run(name, seed, overrides, args):
     key["model"] = variant
     if os.path.exists(summary_path) and json.load(open(summary_path))["config"] == key:
         print(f"=== {name}, seed {seed}: finished ({summary_path})")
-        return json.load(open(summary_path))
+        ckpts = train_imagenet.checkpoints(out) if os.path.isdir(out) else [""]
+        return {**json.load(open(summary_path)), "checkpoint": ckpts[-1], "model": variant}
+    if args.table_only:
+        return None
     print(f"\n=== {name}, seed {seed} ===", flush=True)
     done = os.path.join(out, "results.json")
     ckpts = train_imagenet.checkpoints(out) if os.path.isdir(out) else []
@@ -839,7 +844,11 @@ def natural(args):
         raise ValueError(f"--only {args.only!r} matches none of this subcommand's runs")
     results = [natural_run(name, seed, overrides, args)
                for name, overrides in runs for seed in range(args.seeds)]
+    results = [r for r in results if r is not None]  # --table-only: the finished runs
+    if not results:
+        raise ValueError(f"no finished run of these options in {args.summaries}")
     rows = report(results, NATURAL_KEYS)
+    os.makedirs(args.out, exist_ok=True)
     plt = pyplot()
     val = metrics.ImageFolder(args.data, "val", 32, False, 0)
     step = max(1, len(val) // 8)
@@ -862,7 +871,8 @@ def natural(args):
         ax.set(xticks=[], yticks=[])
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
     curve.set(xlabel="step", ylabel="codes used in the last 20 steps", ylim=(0, 1.02))
-    curve.legend(fontsize=7)
+    if firsts:
+        curve.legend(fontsize=7)
     fig.tight_layout()
     save(results, rows, args.out, "natural" if args.arms == "verdict" else "natural_ablation", fig)
     return results
@@ -979,6 +989,8 @@ def parse_args(argv=None):
                            help="verdict: every method; ablation: how the preset was chosen")
             p.add_argument("--summaries", default=None, metavar="DIR",
                            help="where each finished run's summary goes (default: --out)")
+            p.add_argument("--table-only", action="store_true",
+                           help="the table and figure of the finished runs; train nothing")
             continue
         if name == "scale-sim":
             p.add_argument("--sim-codes", type=positive(int), default=4096, help="K; K/2 latents per step")

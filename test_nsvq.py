@@ -1666,14 +1666,26 @@ def test_experiments_scale_sim_toy_natural_and_their_options(tmp_path, capsys):
         m.setitem(ti.PRESETS, "cifar", {**ti.PRESETS["cifar"], **tiny, "batch_size": 64})
         names = ("FSQ", "NSVQ", "NSVQ without stages")
         m.setattr(experiments, "NATURAL_METHODS", {k: experiments.NATURAL_METHODS[k] for k in names})
-        runs = experiments.main(["natural", "--data", data, "--out", str(tmp_path / "nat"), "--epochs", "1"])
-        again = experiments.main(["natural", "--data", data, "--out", str(tmp_path / "nat"), "--epochs", "1",
-                                  "--only", "^FSQ$", "--resume"])  # a finished run: evaluated again
-    keys = ("psnr", "steps", "seconds")  # the same weights, and the training's time kept
+        out = ["--data", data, "--out", str(tmp_path / "nat"), "--epochs", "1"]
+        runs = experiments.main(["natural", *out])
+        m.setattr(ti, "main", lambda cfg: pytest.fail("a finished run was trained again"))
+        again = experiments.main(["natural", *out, "--only", "^FSQ$"])  # read back, not trained
+        table = experiments.main(["natural", *out, "--table-only", "--only", "NSVQ"])
+        m.undo()
+        m.setitem(ti.PRESETS, "cifar", {**ti.PRESETS["cifar"], **tiny, "batch_size": 64})
+        m.setattr(experiments, "NATURAL_ABLATION", {k: experiments.NATURAL_ABLATION[k] for k in (
+            "continuous (no quantizer)", "NSVQ, no critic, ICNR upsampling")})
+        ablation = experiments.main(["natural", *out, "--arms", "ablation"])
+    keys = ("psnr", "ssim", "steps", "seconds", "codes_used")
     assert len(again) == 1 and [again[0][k] for k in keys] == [runs[0][k] for k in keys]
+    assert [r["name"] for r in table] == ["NSVQ", "NSVQ without stages"]
     assert [r["name"] for r in runs] == list(names) and all(0 < r["utilization"] <= 1 for r in runs)
     assert runs[1]["stage_start"] == {"stage1": 0, "warmup": 1} and runs[2]["stage_start"] == {"stage1": 0}
-    assert (tmp_path / "nat" / "natural.png").stat().st_size > 0
+    assert (tmp_path / "nat" / "natural.png").stat().st_size > 0 and (tmp_path / "nat" / "FSQ.json").exists()
+    assert ablation[0]["utilization"] == 1.0 and ablation[0]["perplexity"] == 1.0  # no quantizer: one "code"
+    conv = torch.nn.Conv2d(3, 8, 3)
+    experiments.icnr_(conv)  # the 4 sub-pixels of each output channel start equal: no checkerboard
+    assert torch.equal(conv.weight.view(2, 4, 3, 3, 3), conv.weight[::4, None].expand(2, 4, 3, 3, 3))
     for argv, error in ((["scale-sim", "--sim-steps", "5"], "--sim-steps"), (["stress", "--epochs", "0"], "--epochs"),
                         (["phases", "--only", "(unclosed"], "not a regular expression"),
                         (["sensitivity", "--alphas", "0.1", "-1"], "--alphas")):
