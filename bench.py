@@ -31,8 +31,7 @@ import train_imagenet as ti
 
 
 def naive_dense_loss(z, codebook, tau, chunk=64):
-    """Reference: L_NS with an explicit (chunk, K, D) difference tensor, as the authors' code
-    builds it. Backward runs per chunk so memory stays bounded."""
+    """L_NS with an explicit (chunk, K, D) tensor, as the authors' code; backward per chunk."""
     N, D = z.shape
     for start in range(0, N, chunk):
         zc = z[start:start + chunk]  # (n, D)
@@ -44,9 +43,8 @@ def naive_dense_loss(z, codebook, tau, chunk=64):
 
 
 def time_round_robin(fns, repeats, device):
-    """Median seconds of `repeats` warm runs of each function, taken in turns (one warm-up run
-    each first). Why in turns: on a shared machine the speed drifts by +-20% over a minute,
-    and timing one function after the other would put that drift into their ratio."""
+    """Median seconds of `repeats` warm runs of each function, in turns after a warm-up: on a
+    shared machine the speed drifts by +-20% over a minute, which would go into their ratio."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for fn in fns.values():
         fn()
@@ -268,9 +266,13 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
-    for name in ("repeats", "batch"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name, low in (("repeats", 1), ("batch", 1), ("workers", 0)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    if args.checkpoint and os.path.exists(args.checkpoint) and not os.path.isdir(args.checkpoint):
+        parser.error(f"--checkpoint {args.checkpoint} is a file: name a folder")
+    if args.loader and not os.path.isdir(os.path.join(args.loader, "train")):
+        parser.error(f"--loader {args.loader} holds no train/ folder of images")
     if args.json:  # found out now, not after minutes of benchmarking
         folder = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
@@ -291,9 +293,7 @@ def main(argv=None):
     else:
         result = quantizer_table(args)
     if args.json:  # whole or not at all
-        with open(f"{args.json}.tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(f"{args.json}.tmp", args.json)
+        ti.write_atomic(args.json, lambda tmp: json.dump(result, open(tmp, "w"), indent=1))
 
 
 if __name__ == "__main__":

@@ -1595,8 +1595,12 @@ def test_bench_quick_runs_its_tables_and_checks_its_options(tmp_path, capsys):
     assert "checkpoint:" in out and "images/s" in out
     assert all(float(v) > 0 for v in re.findall(r"(?:NSVQ|SimVQ) ([0-9.]+) T,", out))
     assert re.search(r"\| simvq \| bf16 \| .* \| 1\.00 \|", out)  # its own time x SimVQ
+    (tmp_path / "file").write_text("")
     for args, error in ((["--repeats", "0"], "--repeats must be >= 1"),
-                        (["--json", "/no/such/x.json"], "not a writable folder")):
+                        (["--json", "/no/such/x.json"], "not a writable folder"),
+                        (["--loader", str(tmp_path / "none")], "holds no train/"),
+                        (["--workers", "-1"], "--workers must be >= 0"),
+                        (["--checkpoint", str(tmp_path / "file")], "is a file")):
         with pytest.raises(SystemExit):
             bench.parse_args(args)
         assert error in capsys.readouterr().err
