@@ -724,13 +724,15 @@ NATURAL_METHODS = {  # name -> train_imagenet options; the same preset, budget a
 # How the preset was chosen (NSVQ, seed 0): the critic, the learning rate, the upsampling's
 # initialisation, and the same network with no quantizer (the ceiling at this budget).
 NATURAL_ABLATION = {
-    "continuous (no quantizer)": dict(quantizer="ste", replace=False, gan_weight=0.0,
-                                      model="continuous"),
-    "NSVQ, no critic": dict(gan_weight=0.0),
-    "NSVQ, critic in stage 2": dict(gan_weight=0.1, gan_stage1=False),
-    "NSVQ, no critic, lr 6e-4": dict(gan_weight=0.0, lr=6e-4),
-    "NSVQ, no critic, ICNR upsampling": dict(gan_weight=0.0, model="icnr"),
-    "NSVQ, critic from step 0": dict(gan_weight=0.1, gan_stage1=True),
+    "continuous (no quantizer)": dict(quantizer="ste", replace=False, model="continuous"),
+    "NSVQ": dict(),  # the preset: no critic, lr 6e-4
+    "continuous (no quantizer), lr 2e-4": dict(quantizer="ste", replace=False, lr=2e-4,
+                                               model="continuous"),
+    "NSVQ, lr 2e-4": dict(lr=2e-4),
+    "NSVQ, lr 2e-4, critic in stage 2": dict(lr=2e-4, gan_weight=0.1),
+    "NSVQ, lr 2e-4, critic from step 0": dict(lr=2e-4, gan_weight=0.1, gan_stage1=True),
+    "NSVQ, ICNR upsampling": dict(model="icnr"),
+    "NSVQ, lr 1e-3": dict(lr=1e-3),
 }
 NATURAL_KEYS = ("psnr", "ssim", "l1", "utilization", "perplexity", "seconds")
 RUN_ONLY = ("data", "out", "overwrite", "resume", "device", "workers", "log_every", "eval_every",
