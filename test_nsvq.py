@@ -1678,7 +1678,7 @@ def test_experiments_scale_sim_toy_natural_and_their_options(tmp_path, capsys):
         m.undo()
         m.setitem(ti.PRESETS, "cifar", {**ti.PRESETS["cifar"], **tiny, "batch_size": 64})
         m.setattr(experiments, "NATURAL_ABLATION", {k: experiments.NATURAL_ABLATION[k] for k in (
-            "continuous (no quantizer)", "NSVQ, no critic, ICNR upsampling")})
+            "continuous (no quantizer)", "NSVQ, ICNR upsampling")})
         ablation = experiments.main(["natural", *out, "--arms", "ablation"])
     keys = ("psnr", "ssim", "steps", "seconds", "codes_used")
     assert len(again) == 1 and [again[0][k] for k in keys] == [runs[0][k] for k in keys]
