@@ -168,7 +168,7 @@ def make_loader(cfg, split, rank, world, train, limit=None):
     dataset = metrics.ImageFolder(cfg.data, split, cfg.image_size, train, cfg.seed)
     dataset.files = dataset.files[:limit]  # the quick evaluation's fixed subset
     common = dict(num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
-                  persistent_workers=cfg.workers > 0, worker_init_fn=ignore_stop_signals,
+                  persistent_workers=train and cfg.workers > 0, worker_init_fn=ignore_stop_signals,
                   generator=torch.Generator().manual_seed(cfg.seed))  # its own: resumable
     if not train:  # SimVQ's evaluation: consecutive batches of 64, batch b on rank b % world
         n = len(dataset)
