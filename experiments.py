@@ -779,7 +779,7 @@ def natural_run(name, seed, overrides, args):
     import train_imagenet
     overrides = dict(overrides)
     variant = overrides.pop("model", None)
-    tag = safe_name(name if args.seeds == 1 else f"{name}-seed{seed}")
+    tag = safe_name(name if seed == 0 else f"{name}-seed{seed}")  # seed 0 read back by --seeds 3
     out, summary_path = os.path.join(args.out, tag), os.path.join(args.summaries, tag + ".json")
     extra = {"epochs": args.epochs} if args.epochs else {}
     cfg = train_imagenet.resolve(train_imagenet.make_config(

@@ -1675,6 +1675,7 @@ def test_experiments_scale_sim_toy_natural_and_their_options(tmp_path, capsys):
         m.setattr(ti, "main", lambda cfg: pytest.fail("a finished run was trained again"))
         again = experiments.main(["natural", *out, "--only", "^FSQ$"])  # read back, not trained
         table = experiments.main(["natural", *out, "--table-only", "--only", "NSVQ"])
+        seeds = experiments.main(["natural", *out, "--table-only", "--only", "^FSQ$", "--seeds", "3"])
         m.undo()
         m.setitem(ti.PRESETS, "cifar", {**ti.PRESETS["cifar"], **tiny, "batch_size": 64})
         m.setattr(experiments, "NATURAL_ABLATION", {k: experiments.NATURAL_ABLATION[k] for k in (
@@ -1683,6 +1684,7 @@ def test_experiments_scale_sim_toy_natural_and_their_options(tmp_path, capsys):
     keys = ("psnr", "ssim", "steps", "seconds", "codes_used")
     assert len(again) == 1 and [again[0][k] for k in keys] == [runs[0][k] for k in keys]
     assert [r["name"] for r in table] == ["NSVQ", "NSVQ without stages"]
+    assert [r["seed"] for r in seeds] == [0]  # --seeds 3 finds seed 0's run; 1 and 2 are to train
     assert [r["name"] for r in runs] == list(names) and all(0 < r["utilization"] <= 1 for r in runs)
     assert runs[1]["stage_start"] == {"stage1": 0, "warmup": 1} and runs[2]["stage_start"] == {"stage1": 0}
     assert (tmp_path / "nat" / "natural.png").stat().st_size > 0 and (tmp_path / "nat" / "FSQ.json").exists()
