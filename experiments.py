@@ -22,6 +22,7 @@ What each measured, with its command and the data it ran on, is in EXPERIMENTS.m
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -735,6 +736,7 @@ NATURAL_ABLATION = {
     "NSVQ, lr 1e-3": dict(lr=1e-3),
 }
 NATURAL_KEYS = ("psnr", "ssim", "l1", "utilization", "perplexity", "seconds")
+ARTEFACT_KEYS = ("grid", "tint")  # the checkerboard and the colour shift, measured: artefacts()
 RUN_ONLY = ("data", "out", "overwrite", "resume", "device", "workers", "log_every", "eval_every",
             "eval_images", "ckpt_minutes", "timeout_minutes", "max_steps")  # not the training
 
@@ -773,6 +775,43 @@ def natural_model(variant):
     return Variant if variant else train_imagenet.Autoencoder
 
 
+def artefacts(recon, x):
+    """The two artefacts the eye sees, measured on (n, 3, H, W) images in [-1, 1]:
+    grid = P(recon) / P(x), P the power at the 2-pixel period (DFT bins (H/2, 0), (0, W/2),
+      (H/2, W/2)), where the last x2 pixel shuffle draws its checkerboard: 1, as much as the
+      photographs have; below, blur; above, a pattern the decoder adds;
+    tint = mean over images and R, G, B of |mean(recon) - mean(x)|, in 8-bit levels: a grey
+      sky returned purple."""
+    H, W = x.shape[-2:]
+    bins = lambda y: torch.fft.fft2(y.double())[..., [H // 2, 0, H // 2], [0, W // 2, W // 2]]
+    grid = bins(recon).abs().pow(2).sum() / bins(x).abs().pow(2).sum()
+    tint = (recon.mean((2, 3)) - x.mean((2, 3))).abs().mean() * 127.5
+    return {"grid": float(grid), "tint": float(tint)}
+
+
+@functools.lru_cache(1)
+def val_images(data):
+    """All of --data's val/ images at 32 x 32, in [-1, 1]: (n, 3, 32, 32)."""
+    val = metrics.ImageFolder(data, "val", 32, False, 0)
+    return (torch.stack([val[(i, 0)][0] for i in range(len(val))]).double() / 127.5 - 1).float()
+
+
+def scored(summary, summary_path, checkpoint, variant, data):
+    """The summary with artefacts() of the checkpoint's reconstructions of val/, written back
+    (a summary without a checkpoint at hand keeps what it has: NaN if nothing)."""
+    import train_imagenet
+    if "grid" not in summary and os.path.exists(checkpoint):
+        with patched(train_imagenet, "Autoencoder", natural_model(variant)):
+            model = train_imagenet.load_autoencoder(checkpoint)
+        x = val_images(data)
+        with torch.no_grad():
+            recon = torch.cat([model(x[i:i + 256])[0].clamp(-1, 1) for i in range(0, len(x), 256)])
+        summary = {**summary, **artefacts(recon, x)}
+        write_json_atomic(summary, summary_path)
+    return {**{k: math.nan for k in ARTEFACT_KEYS}, **summary, "checkpoint": checkpoint,
+            "model": variant}
+
+
 def natural_run(name, seed, overrides, args):
     """One run's summary: read back if a finished run with the same options exists (in
     --summaries, or its folder in --out), else trained (continued with --resume)."""
@@ -789,7 +828,7 @@ def natural_run(name, seed, overrides, args):
     if os.path.exists(summary_path) and json.load(open(summary_path))["config"] == key:
         print(f"=== {name}, seed {seed}: finished ({summary_path})")
         ckpts = train_imagenet.checkpoints(out) if os.path.isdir(out) else [""]
-        return {**json.load(open(summary_path)), "checkpoint": ckpts[-1], "model": variant}
+        return scored(json.load(open(summary_path)), summary_path, ckpts[-1], variant, args.data)
     if args.table_only:
         return None
     print(f"\n=== {name}, seed {seed} ===", flush=True)
@@ -813,7 +852,7 @@ def natural_run(name, seed, overrides, args):
                "l1_train": [[h["step"], round(h["l1"], 4)] for h in log]}
     os.makedirs(args.summaries, exist_ok=True)
     write_json_atomic(summary, summary_path)
-    return {**summary, "checkpoint": train_imagenet.checkpoints(out)[-1], "model": variant}
+    return scored(summary, summary_path, train_imagenet.checkpoints(out)[-1], variant, args.data)
 
 
 class patched:
@@ -849,13 +888,11 @@ def natural(args):
     results = [r for r in results if r is not None]  # --table-only: the finished runs
     if not results:
         raise ValueError(f"no finished run of these options in {args.summaries}")
-    rows = report(results, NATURAL_KEYS)
+    rows = report(results, NATURAL_KEYS + ARTEFACT_KEYS)
     os.makedirs(args.out, exist_ok=True)
     plt = pyplot()
-    val = metrics.ImageFolder(args.data, "val", 32, False, 0)
-    step = max(1, len(val) // 8)
-    images = torch.stack([val[(i, 0)][0] for i in range(0, len(val), step)][:8])  # all classes
-    x = (images.double() / 127.5 - 1).float()
+    x = val_images(args.data)
+    x = x[::max(1, len(x) // 8)][:8]  # every class
     firsts = [r for r in results if r["seed"] == 0 and os.path.exists(r.get("checkpoint", ""))]
     fig = plt.figure(figsize=(13, 2.2 + 0.9 * (len(firsts) + 1)))
     grid = fig.add_gridspec(len(firsts) + 1, 2, width_ratios=(len(x) / 8, 1.1))

@@ -1689,6 +1689,13 @@ def test_experiments_scale_sim_toy_natural_and_their_options(tmp_path, capsys):
     assert runs[1]["stage_start"] == {"stage1": 0, "warmup": 1} and runs[2]["stage_start"] == {"stage1": 0}
     assert (tmp_path / "nat" / "natural.png").stat().st_size > 0 and (tmp_path / "nat" / "FSQ.json").exists()
     assert ablation[0]["utilization"] == 1.0 and ablation[0]["perplexity"] == 1.0  # no quantizer: one "code"
+    assert all(math.isfinite(r["grid"]) and r["tint"] >= 0 for r in runs + ablation)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    checker = (torch.arange(32)[:, None] + torch.arange(32)) % 2 * 0.2 - 0.1  # a 2-pixel period
+    shifted, grid = experiments.artefacts(x + 0.1, x), experiments.artefacts(x + checker, x)
+    assert experiments.artefacts(x, x) == {"grid": 1.0, "tint": 0.0}
+    assert shifted["tint"] == pytest.approx(12.75) and shifted["grid"] == pytest.approx(1.0)
+    assert grid["grid"] > 5 and grid["tint"] < 1e-3
     conv = torch.nn.Conv2d(3, 8, 3)
     experiments.icnr_(conv)  # the 4 sub-pixels of each output channel start equal: no checkerboard
     assert torch.equal(conv.weight.view(2, 4, 3, 3, 3), conv.weight[::4, None].expand(2, 4, 3, 3, 3))
