@@ -903,7 +903,7 @@ def documented_commands(text):
     """(script, argv) of every `python X.py ...` and `torchrun ... X.py ...` in the text."""
     text = re.sub(r"\\\n\s*", " ", text)  # shell line continuations
     found = []
-    for match in re.finditer(r"(?:^|[`\s])(python|torchrun)\s+([^`\n#|]*)", text, re.M):
+    for match in re.finditer(r"(?:^|[`\s])(python|torchrun)\s+((?:'[^'\n]*'|[^`\n#|'])*)", text, re.M):
         words = shlex.split(match.group(2))
         script = next((w for w in words if w.endswith(".py")), None)
         if script is None or match.group(1) == "python" and words[0] != script:
