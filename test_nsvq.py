@@ -1234,6 +1234,7 @@ def test_imagenet_a_frozen_rank_on_another_node_stops_the_run_after_the_collecti
 sys.path.insert(0, {HERE!r})
 import torch.distributed as dist
 import train_imagenet as ti
+open(os.path.join({str(tmp_path)!r}, "pid" + os.environ["RANK"]), "w").write(str(os.getpid()))
 real_step, calls = ti.train_step, []
 def step(*a):
     calls.append(1)
@@ -1257,10 +1258,15 @@ ti.cli(sys.argv[1:])
         while all(p.poll() is None for p in procs) and time.time() - t0 < 150:
             time.sleep(0.5)
         seconds, codes = time.time() - t0, [p.poll() for p in procs]
-    finally:
-        for p in procs:
+    finally:  # the agents, and the ranks: torchrun starts each in its own session, and the
+        for p in procs:  # stopped one outlives its agent
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
+        for path in tmp_path.glob("pid*"):
+            try:
+                os.kill(int(path.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
     out = (tmp_path / "agent0.log").read_text() + (tmp_path / "agent1.log").read_text()
     assert seconds < 100 and any(c not in (None, 0) for c in codes), (seconds, codes, out[-3000:])
     assert "Timed out" in out or "timed out" in out.lower(), out[-3000:]
