@@ -350,9 +350,7 @@ def make_schedule(cfg):
 
 def check_out(cfg):
     """Refuse an --out that cannot be written or holds a run (as train_imagenet.py); make none."""
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise OutputError(f"--out {cfg.out} is a file, not a folder")
-    parent = os.path.abspath(cfg.out)
+    parent = os.path.abspath(cfg.out)  # an --out that is a file stops here too
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
@@ -414,8 +412,7 @@ def main(cfg, setup=None, on_step=None):
         ckpt = {"config": dataclasses.asdict(cfg), "model": trainer.model.state_dict()}
         write_atomic(os.path.join(cfg.out, "ckpt.pt"), lambda tmp: torch.save(ckpt, tmp))
 
-    # Save and evaluate
-    test = evaluate(trainer.model, test_images)
+    # Save (test: the last epoch's evaluation of these weights)
     results = {"quantizer": cfg.quantizer, "codebook_size": trainer.model.vq.codebook_size, **test,
                "train_seconds": seconds, "epochs": cfg.epochs, "stage_start": schedule.stage_start,
                "epoch_log": epoch_log, "config": dataclasses.asdict(cfg)}
